@@ -1,0 +1,477 @@
+"""Split the task vectors of one parameter into a part shared across the family and a part
+unique to each member (METHOD.md).
+
+Public API:
+
+- ``member_basis(delta, ...)``: one member's signal subspace U_i (cacheable per member);
+- ``split_from_bases(deltas, bases, ...)``: the shared subspace and the split, from bases;
+- ``decompose_layer(deltas, ...)``: the two in sequence.
+
+Guarantees (tested): shared + unique = delta (relative error ≤ 1e-6 in float32, ≤ 1e-12 in
+float64); ⟨shared_i, unique_i⟩_F = 0, and with one S for the family also
+⟨shared_i, unique_j⟩_F = 0 for every pair; S orthonormal; S Sᵀ deterministic for a seed;
+``mean-projector`` independent of member order. bf16/fp16 are computed in float32 and
+rounded on return. Computation runs on the input's device.
+
+Orientation: a parameter is viewed as a matrix A (m × n): 2-D as stored, ≥3-D as
+(out, rest), 1-D as a column (n × 1). ``side="left"`` works in the space of the first stored
+dimension; ``"right"`` on the transpose; ``"auto"`` picks the smaller dimension. Bases,
+coefficients and eigenvalues refer to the oriented matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tasks.ranks import RankRule, choose_rank, parse_rank_rule
+from tasks.subspaces import (
+    mean_projector,
+    mean_projector_chance,
+    pairwise,
+    pairwise_chance,
+    projector_product,
+    projector_product_chance,
+)
+
+METHODS = ("mean-projector", "projector-product", "pairwise")
+SIDES = ("left", "right", "auto")
+ONE_D_POLICIES = ("unique", "rank1")
+SOLVERS = ("auto", "full", "randomized")
+
+
+class DecompositionError(ValueError):
+    """Input that cannot be split; the message names the parameter and the member."""
+
+
+def _where(name: str | None, member: int | str | None = None) -> str:
+    place = f"parameter {name!r}" if name else "parameter"
+    return place if member is None else f"{place}, member {member!r}"
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _resolve_side(shape: torch.Size, side: str) -> str:
+    if side not in SIDES:
+        raise DecompositionError(f"side must be one of {SIDES}, not {side!r}")
+    if len(shape) == 1:
+        return "left"
+    m, n = shape[0], math.prod(shape[1:])
+    if side == "auto":
+        return "left" if m <= n else "right"
+    return side
+
+
+def _orient(delta: torch.Tensor, side: str) -> torch.Tensor:
+    """View one member's delta as the oriented matrix A in its compute dtype."""
+    matrix = delta.reshape(-1, 1) if delta.ndim == 1 else delta.reshape(delta.shape[0], -1)
+    matrix = matrix.to(_compute_dtype(delta.dtype))
+    return matrix if side == "left" else matrix.mT
+
+
+def _restore(
+    matrices: torch.Tensor, shape: torch.Size, side: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of ``_orient`` over a stack (T, m, n) → (T, *shape) in ``dtype``."""
+    if side == "right":
+        matrices = matrices.mT
+    return matrices.reshape(matrices.shape[0], *shape).to(dtype)
+
+
+def _check_member(delta: torch.Tensor, name: str | None, member: int | str) -> None:
+    if not isinstance(delta, torch.Tensor):
+        raise DecompositionError(
+            f"{_where(name, member)}: expected a torch.Tensor, got {type(delta).__name__}"
+        )
+    if not delta.is_floating_point():
+        raise DecompositionError(
+            f"{_where(name, member)}: dtype {delta.dtype} is not floating point"
+        )
+    if delta.numel() == 0:
+        raise DecompositionError(
+            f"{_where(name, member)}: the tensor is empty (shape {tuple(delta.shape)})"
+        )
+    if not torch.isfinite(delta).all():
+        raise DecompositionError(f"{_where(name, member)}: contains NaN or Inf")
+
+
+@dataclass(frozen=True)
+class MemberBasis:
+    """One member's signal subspace for one parameter.
+
+    ``left`` (m × r) and ``right`` (n × r) are orthonormal singular vectors of the oriented
+    matrix, ``singular_values`` their r singular values, ``spectrum`` every singular value the
+    solver computed (all of them for a full SVD, the sketch's otherwise). Depends only on
+    this member's delta and the settings, so it can be cached and reused when the family
+    grows.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    singular_values: torch.Tensor
+    spectrum: torch.Tensor
+    shape: torch.Size
+    side: str
+    rule: str
+    solver: str
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+
+def member_basis(
+    delta: torch.Tensor,
+    *,
+    rank: str = "gavish-donoho",
+    max_rank_fraction: float = 0.25,
+    side: str = "left",
+    seed: int = 0,
+    solver: str = "auto",
+    name: str | None = None,
+    member: int | str | None = None,
+) -> MemberBasis:
+    """The top-r_i singular subspace of one member's delta, r_i chosen by ``rank``.
+
+    ``rank``: ``"gavish-donoho"``, ``"energy:E"``, ``"fixed:R"`` or ``"fraction:F"``, always
+    capped by ``max_rank_fraction`` of the short side and by the numerical rank. ``solver``:
+    ``"auto"`` (randomized sketch for large matrices), ``"full"`` or ``"randomized"``; the
+    sketch is seeded by ``seed``, so the result is deterministic. A 1-D delta gives its unit
+    vector (r = 1). An all-zero delta gives r = 0. ``name``/``member`` only label errors.
+    """
+    _check_member(delta, name, 0 if member is None else member)
+    if not 0 < max_rank_fraction <= 1:
+        raise DecompositionError(
+            f"{_where(name)}: max_rank_fraction must be in (0, 1], not {max_rank_fraction}"
+        )
+    if solver not in SOLVERS:
+        raise DecompositionError(f"solver must be one of {SOLVERS}, not {solver!r}")
+    rule: RankRule = parse_rank_rule(rank)
+    resolved = _resolve_side(delta.shape, side)
+    a = _orient(delta, resolved)
+    if delta.ndim == 1:
+        rule = RankRule("fixed", 1)
+    generator = torch.Generator(device=a.device).manual_seed(seed)
+    choice = choose_rank(
+        a,
+        rule,
+        max_rank_fraction=1.0 if delta.ndim == 1 else max_rank_fraction,
+        solver=solver,
+        generator=generator,
+    )
+    spectrum, r = choice.spectrum, choice.rank
+    return MemberBasis(
+        left=spectrum.left[:, :r].contiguous(),
+        right=spectrum.right[:, :r].contiguous(),
+        singular_values=spectrum.sigma[:r],
+        spectrum=spectrum.sigma,
+        shape=delta.shape,
+        side=resolved,
+        rule=str(rule),
+        solver=choice.solver,
+    )
+
+
+@dataclass
+class LayerSplit:
+    """The split of one parameter across T members, kept compact; parts derived on access.
+
+    ``basis`` is S (m × k, orthonormal) of the oriented matrix; for ``"pairwise"`` a tuple of
+    per-member bases. ``right_basis`` is R for two-sided splits, else None. ``coefficients``
+    are C_i = Sᵀ A_i (k × n), or Sᵀ A_i R (k × k') two-sided, so shared_i = S C_i (or
+    S C_i Rᵀ) and unique_i = A_i − shared_i. ``shared`` and ``unique`` have shape
+    (T, *param_shape) and the input dtype.
+    """
+
+    method: str
+    side: str
+    param_shape: torch.Size
+    dtype: torch.dtype
+    basis: torch.Tensor | tuple[torch.Tensor, ...]
+    right_basis: torch.Tensor | tuple[torch.Tensor, ...] | None
+    coefficients: torch.Tensor | tuple[torch.Tensor, ...]
+    eigenvalues: torch.Tensor | tuple[torch.Tensor, ...]
+    ranks: tuple[int, ...]
+    chance: float | tuple[float, ...]
+    threshold_used: float
+    oriented: torch.Tensor = field(repr=False)
+
+    @property
+    def members(self) -> int:
+        return self.oriented.shape[0]
+
+    @property
+    def k(self) -> int | tuple[int, ...]:
+        """Dimension of the shared subspace (per member for ``"pairwise"``)."""
+        if isinstance(self.basis, tuple):
+            return tuple(b.shape[1] for b in self.basis)
+        return self.basis.shape[1]
+
+    def _left(self, i: int) -> torch.Tensor:
+        return self.basis[i] if isinstance(self.basis, tuple) else self.basis
+
+    def _right(self, i: int) -> torch.Tensor | None:
+        if isinstance(self.right_basis, tuple):
+            return self.right_basis[i]
+        return self.right_basis
+
+    def _coefficient(self, i: int) -> torch.Tensor:
+        return self.coefficients[i]
+
+    def _shared_oriented(self, i: int) -> torch.Tensor:
+        shared = self._left(i) @ self._coefficient(i)
+        right = self._right(i)
+        return shared if right is None else shared @ right.mT
+
+    def shared_member(self, i: int) -> torch.Tensor:
+        """Member i's shared part, shape ``param_shape``, input dtype."""
+        return _restore(self._shared_oriented(i)[None], self.param_shape, self.side, self.dtype)[0]
+
+    def unique_member(self, i: int) -> torch.Tensor:
+        """Member i's unique part: its delta minus its shared part."""
+        unique = self.oriented[i] - self._shared_oriented(i)
+        return _restore(unique[None], self.param_shape, self.side, self.dtype)[0]
+
+    @property
+    def shared(self) -> torch.Tensor:
+        parts = torch.stack([self._shared_oriented(i) for i in range(self.members)])
+        return _restore(parts, self.param_shape, self.side, self.dtype)
+
+    @property
+    def unique(self) -> torch.Tensor:
+        parts = torch.stack(
+            [self.oriented[i] - self._shared_oriented(i) for i in range(self.members)]
+        )
+        return _restore(parts, self.param_shape, self.side, self.dtype)
+
+    @property
+    def shared_energy(self) -> torch.Tensor:
+        """‖shared_i‖² / ‖delta_i‖² per member (0 for an all-zero delta)."""
+        energies = []
+        for i in range(self.members):
+            total = float(self.oriented[i].double().square().sum())
+            kept = float(self._coefficient(i).double().square().sum())
+            energies.append(kept / total if total > 0 else 0.0)
+        return torch.tensor(energies, dtype=torch.float64)
+
+    @property
+    def gap(self) -> float | tuple[float, ...]:
+        """Eigenvalue just kept minus the one just dropped at the threshold (0 if none kept)."""
+        if isinstance(self.eigenvalues, tuple):
+            return tuple(_gap(e, k) for e, k in zip(self.eigenvalues, self.k, strict=True))
+        return _gap(self.eigenvalues, self.k)
+
+
+def _gap(eigenvalues: torch.Tensor, k: int) -> float:
+    if k == 0 or eigenvalues.numel() == 0:
+        return 0.0
+    below = float(eigenvalues[k]) if k < eigenvalues.numel() else 0.0
+    return float(eigenvalues[k - 1]) - below
+
+
+def _as_stack(
+    deltas: torch.Tensor | Sequence[torch.Tensor],
+    name: str | None,
+    member_names: Sequence[str] | None,
+) -> torch.Tensor:
+    """Validate the family's deltas and return them stacked (T, *shape)."""
+    members = list(deltas.unbind(0)) if isinstance(deltas, torch.Tensor) else list(deltas)
+    labels = list(member_names) if member_names is not None else list(range(len(members)))
+    if len(members) < 2:
+        raise DecompositionError(
+            f"{_where(name)}: a split needs at least 2 members, got {len(members)}"
+        )
+    if len(labels) != len(members):
+        raise DecompositionError(
+            f"{_where(name)}: {len(labels)} member names for {len(members)} deltas"
+        )
+    for label, delta in zip(labels, members, strict=True):
+        _check_member(delta, name, label)
+    shape, dtype, device = members[0].shape, members[0].dtype, members[0].device
+    for label, delta in zip(labels, members, strict=True):
+        if delta.shape != shape:
+            raise DecompositionError(
+                f"{_where(name, label)}: shape {tuple(delta.shape)} differs from member "
+                f"{labels[0]!r}'s {tuple(shape)}"
+            )
+        if delta.dtype != dtype or delta.device != device:
+            raise DecompositionError(
+                f"{_where(name, label)}: dtype/device {delta.dtype}/{delta.device} differs from "
+                f"member {labels[0]!r}'s {dtype}/{device}"
+            )
+    return deltas if isinstance(deltas, torch.Tensor) else torch.stack(members)
+
+
+def _resolve_threshold(
+    method: str, threshold: float, min_tasks: int | None, members: int, name: str | None
+) -> float:
+    if method not in METHODS:
+        raise DecompositionError(f"method must be one of {METHODS}, not {method!r}")
+    if min_tasks is not None and not 1 <= min_tasks <= members:
+        raise DecompositionError(
+            f"{_where(name)}: min_tasks must be between 1 and {members}, not {min_tasks}"
+        )
+    if method == "pairwise":
+        return (2 if min_tasks is None else min_tasks) - 1.5
+    if method == "projector-product" and min_tasks not in (None, members):
+        raise DecompositionError(
+            f"{_where(name)}: projector-product finds only directions shared by all {members} "
+            f"members; min_tasks={min_tasks} needs mean-projector or pairwise"
+        )
+    if min_tasks is not None and method == "mean-projector":
+        return (min_tasks - 0.5) / members
+    if not 0 < threshold <= 1:
+        raise DecompositionError(f"{_where(name)}: threshold must be in (0, 1], not {threshold}")
+    return threshold
+
+
+def _estimate(method: str, bases: list[torch.Tensor], threshold: float, min_tasks: int | None):
+    if method == "mean-projector":
+        return mean_projector(bases, threshold)
+    if method == "projector-product":
+        return projector_product(bases, threshold)
+    return pairwise(bases, 2 if min_tasks is None else min_tasks)
+
+
+def _chance(
+    method: str, ranks: list[int], dim: int, like: torch.Tensor
+) -> float | tuple[float, ...]:
+    if method == "mean-projector":
+        return mean_projector_chance(ranks, dim)
+    if method == "projector-product":
+        return projector_product_chance(ranks, dim, like)
+    return pairwise_chance(ranks, dim, like)
+
+
+def split_from_bases(
+    deltas: torch.Tensor | Sequence[torch.Tensor],
+    bases: Sequence[MemberBasis],
+    *,
+    method: str = "mean-projector",
+    threshold: float = 0.85,
+    min_tasks: int | None = None,
+    two_sided: bool = False,
+    one_d: str = "unique",
+    name: str | None = None,
+    member_names: Sequence[str] | None = None,
+) -> LayerSplit:
+    """Estimate the shared subspace from the members' bases and split every member.
+
+    ``method``: ``"mean-projector"`` (default), ``"projector-product"`` or ``"pairwise"``.
+    ``min_tasks=j`` means "shared by at least j members" and overrides ``threshold``
+    (mean-projector: τ = (j − ½)/T; pairwise: found in ≥ j − 1 others, default j = 2,
+    ``threshold`` unused). ``two_sided`` also projects on the right with R built the same
+    way from the right singular vectors. 1-D parameters follow ``one_d``: ``"unique"``
+    keeps them whole in the unique part, ``"rank1"`` uses the rank-1 bases (shared only
+    when members are nearly collinear); they are always one-sided.
+    """
+    stack = _as_stack(deltas, name, member_names)
+    members = stack.shape[0]
+    if len(bases) != members:
+        raise DecompositionError(f"{_where(name)}: {len(bases)} bases for {members} deltas")
+    if one_d not in ONE_D_POLICIES:
+        raise DecompositionError(f"one_d must be one of {ONE_D_POLICIES}, not {one_d!r}")
+    labels = list(member_names) if member_names is not None else list(range(members))
+    side = bases[0].side
+    for label, basis in zip(labels, bases, strict=True):
+        if basis.shape != stack.shape[1:] or basis.side != side:
+            raise DecompositionError(
+                f"{_where(name, label)}: basis was made for shape {tuple(basis.shape)} side "
+                f"{basis.side!r}, but the deltas have shape {tuple(stack.shape[1:])} side {side!r}"
+            )
+    tau = _resolve_threshold(method, threshold, min_tasks, members, name)
+    oriented = torch.stack([_orient(d, side) for d in stack.unbind(0)])
+    ranks = tuple(b.rank for b in bases)
+    one_dimensional = stack.ndim == 2
+    if one_dimensional:
+        two_sided = False
+    if one_dimensional and one_d == "unique":
+        left = [b.left[:, :0] for b in bases]
+        ranks = tuple(0 for _ in bases)
+    else:
+        left = [b.left.to(oriented.dtype) for b in bases]
+    basis, eigenvalues = _estimate(method, left, tau, min_tasks)
+    right_basis = None
+    if two_sided:
+        right_basis, _ = _estimate(
+            method, [b.right.to(oriented.dtype) for b in bases], tau, min_tasks
+        )
+    coefficients = _coefficients(oriented, basis, right_basis)
+    return LayerSplit(
+        method=method,
+        side=side,
+        param_shape=stack.shape[1:],
+        dtype=stack.dtype,
+        basis=basis,
+        right_basis=right_basis,
+        coefficients=coefficients,
+        eigenvalues=eigenvalues,
+        ranks=ranks,
+        chance=_chance(method, list(ranks), oriented.shape[1], oriented),
+        threshold_used=tau,
+        oriented=oriented,
+    )
+
+
+def _coefficients(oriented: torch.Tensor, basis, right_basis):
+    """C_i = S_iᵀ A_i (R_i): stacked when S is common, a tuple for per-member bases."""
+    per_member = isinstance(basis, tuple)
+    result = []
+    for i, a in enumerate(oriented.unbind(0)):
+        s = basis[i] if per_member else basis
+        c = s.mT @ a
+        if right_basis is not None:
+            c = c @ (right_basis[i] if per_member else right_basis)
+        result.append(c)
+    return tuple(result) if per_member else torch.stack(result)
+
+
+def decompose_layer(
+    deltas: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    method: str = "mean-projector",
+    threshold: float = 0.85,
+    min_tasks: int | None = None,
+    rank: str = "gavish-donoho",
+    max_rank_fraction: float = 0.25,
+    side: str = "left",
+    two_sided: bool = False,
+    one_d: str = "unique",
+    seed: int = 0,
+    solver: str = "auto",
+    name: str | None = None,
+    member_names: Sequence[str] | None = None,
+) -> LayerSplit:
+    """Split one parameter of a family: ``member_basis`` for each member, then
+    ``split_from_bases``. Same arguments, same guarantees."""
+    stack = _as_stack(deltas, name, member_names)
+    labels = list(member_names) if member_names is not None else list(range(stack.shape[0]))
+    bases = [
+        member_basis(
+            delta,
+            rank=rank,
+            max_rank_fraction=max_rank_fraction,
+            side=side,
+            seed=seed,
+            solver=solver,
+            name=name,
+            member=label,
+        )
+        for label, delta in zip(labels, stack.unbind(0), strict=True)
+    ]
+    return split_from_bases(
+        stack,
+        bases,
+        method=method,
+        threshold=threshold,
+        min_tasks=min_tasks,
+        two_sided=two_sided,
+        one_d=one_d,
+        name=name,
+        member_names=member_names,
+    )

@@ -1,0 +1,63 @@
+"""Task vectors: fine-tuned weights minus base weights, one parameter at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+
+
+class TaskVectorError(ValueError):
+    """A base and a fine-tuned model that cannot be subtracted; the message names the parameter."""
+
+
+def parameter_delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """`finetuned - base` for one parameter, computed in float32 (float64 stays float64).
+
+    Raises TaskVectorError naming `name` on a shape mismatch, a non-float tensor, or NaN/Inf.
+    """
+    if base.shape != finetuned.shape:
+        raise TaskVectorError(
+            f"parameter {name!r}: base has shape {tuple(base.shape)} but the fine-tuned model "
+            f"has {tuple(finetuned.shape)}"
+        )
+    for role, tensor in (("base", base), ("fine-tuned", finetuned)):
+        if not tensor.is_floating_point():
+            raise TaskVectorError(
+                f"parameter {name!r}: the {role} tensor has dtype {tensor.dtype}; task vectors "
+                "need floating-point weights (exclude this parameter)"
+            )
+    dtype = torch.float64 if torch.float64 in (base.dtype, finetuned.dtype) else torch.float32
+    delta = finetuned.to(dtype) - base.to(dtype)
+    if not torch.isfinite(delta).all():
+        raise TaskVectorError(f"parameter {name!r}: the task vector contains NaN or Inf")
+    return delta
+
+
+def task_vector(
+    base: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, torch.Tensor],
+    *,
+    keys: Iterable[str] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, finetuned[name] - base[name])` one key at a time, in the order of `keys`
+    (default: the base's keys).
+
+    Works over any mapping, including lazy ones that load a tensor on `__getitem__`, so at
+    most one pair of tensors is held at a time. Raises TaskVectorError for a key missing on
+    either side (naming the side and the key), and as `parameter_delta` does.
+    """
+    names = list(base.keys()) if keys is None else list(keys)
+    if keys is None:
+        extra = sorted(set(finetuned.keys()) - set(names))
+        if extra:
+            raise TaskVectorError(
+                f"the fine-tuned model has {len(extra)} parameter(s) the base lacks, "
+                f"first {extra[:3]}; pass keys=... to choose which to subtract"
+            )
+    for name in names:
+        if name not in base:
+            raise TaskVectorError(f"parameter {name!r} is missing from the base model")
+        if name not in finetuned:
+            raise TaskVectorError(f"parameter {name!r} is missing from the fine-tuned model")
+        yield name, parameter_delta(name, base[name], finetuned[name])
