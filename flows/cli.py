@@ -12,6 +12,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def main() -> None:
+    """tvsplit: shared and unique parts of task vectors, on Prefect, Dask, Zarr and MLflow."""
+
+
 @app.command()
 def demo(
     size: int = typer.Option(256, help="Rows and columns of each planted parameter."),
