@@ -45,6 +45,11 @@ def planted_family(
 ) -> PlantedFamily:
     """A family whose members share ``shared_rank`` left directions and each own
     ``unique_rank`` more, plus Gaussian noise of level ``noise``."""
+    needed = shared_rank + members * unique_rank
+    if needed > m:
+        raise ValueError(
+            f"a planted family needs m >= shared_rank + members * unique_rank = {needed}, got m = {m}"
+        )
     g = torch.Generator().manual_seed(seed)
     directions = _orthonormal(m, shared_rank + members * unique_rank, g, torch.float64)
     common = directions[:, :shared_rank]
