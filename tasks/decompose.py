@@ -475,3 +475,133 @@ def decompose_layer(
         name=name,
         member_names=member_names,
     )
+
+
+def basis_to_arrays(basis: MemberBasis) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """A member basis as arrays and JSON-able attrs (for a cache); inverse: ``basis_from_arrays``."""
+    arrays = {"left": basis.left, "right": basis.right, "sigma": basis.spectrum}
+    attrs = {
+        "shape": list(basis.shape),
+        "side": basis.side,
+        "rule": basis.rule,
+        "solver": basis.solver,
+    }
+    return arrays, attrs
+
+
+def basis_from_arrays(
+    arrays: dict[str, torch.Tensor],
+    attrs: dict,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> MemberBasis:
+    """Rebuild a cached member basis on ``device`` in ``dtype``."""
+    left = arrays["left"].to(device=device, dtype=dtype)
+    spectrum = arrays["sigma"].to(device=device, dtype=dtype)
+    return MemberBasis(
+        left=left,
+        right=arrays["right"].to(device=device, dtype=dtype),
+        singular_values=spectrum[: left.shape[1]],
+        spectrum=spectrum,
+        shape=torch.Size(attrs["shape"]),
+        side=str(attrs["side"]),
+        rule=str(attrs["rule"]),
+        solver=str(attrs["solver"]),
+    )
+
+
+def _as_list(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [float(v) for v in value.flatten()]
+    if isinstance(value, tuple):
+        return [_as_list(v) if isinstance(v, torch.Tensor | tuple) else v for v in value]
+    return value
+
+
+def split_to_arrays(
+    split: LayerSplit, *, top_eigenvalues: int = 64
+) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """The compact form of a split (S, R, C; per member for "pairwise") and its diagnostics.
+
+    Diagnostics are JSON-able: method, side, shape, dtype, k, ranks, the top eigenvalues,
+    chance, threshold used, gap and each member's shared energy fraction.
+    ``split_from_arrays`` with the same deltas gives back an equal split.
+    """
+    arrays: dict[str, torch.Tensor] = {}
+    if isinstance(split.basis, tuple):
+        for i in range(split.members):
+            arrays[f"basis.{i}"] = split.basis[i]
+            arrays[f"coefficients.{i}"] = split.coefficients[i]
+            if split.right_basis is not None:
+                arrays[f"right_basis.{i}"] = split.right_basis[i]
+        eigenvalues = [_as_list(e[:top_eigenvalues]) for e in split.eigenvalues]
+    else:
+        arrays["basis"] = split.basis
+        arrays["coefficients"] = split.coefficients
+        if split.right_basis is not None:
+            arrays["right_basis"] = split.right_basis
+        eigenvalues = _as_list(split.eigenvalues[:top_eigenvalues])
+    diagnostics = {
+        "method": split.method,
+        "side": split.side,
+        "param_shape": list(split.param_shape),
+        "dtype": str(split.dtype).removeprefix("torch."),
+        "k": _as_list(split.k) if isinstance(split.k, tuple) else split.k,
+        "ranks": list(split.ranks),
+        "eigenvalues": eigenvalues,
+        "chance": _as_list(split.chance) if isinstance(split.chance, tuple) else split.chance,
+        "threshold_used": split.threshold_used,
+        "gap": _as_list(split.gap) if isinstance(split.gap, tuple) else split.gap,
+        "shared_energy": _as_list(split.shared_energy),
+        "two_sided": split.right_basis is not None,
+    }
+    return arrays, diagnostics
+
+
+def split_from_arrays(
+    arrays: dict[str, torch.Tensor],
+    diagnostics: dict,
+    deltas: torch.Tensor | Sequence[torch.Tensor],
+) -> LayerSplit:
+    """Rebuild a split from its compact form and the members' deltas (same member order).
+
+    Arrays are moved to the deltas' device and compute dtype.
+    """
+    stack = deltas if isinstance(deltas, torch.Tensor) else torch.stack(list(deltas))
+    side = str(diagnostics["side"])
+    oriented = torch.stack([_orient(d, side) for d in stack.unbind(0)])
+
+    def get(key: str) -> torch.Tensor:
+        return arrays[key].to(device=oriented.device, dtype=oriented.dtype)
+
+    def eig(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=oriented.dtype)
+
+    per_member = "basis" not in arrays
+    two_sided = bool(diagnostics.get("two_sided"))
+    members = stack.shape[0]
+    if per_member:
+        basis = tuple(get(f"basis.{i}") for i in range(members))
+        coefficients = tuple(get(f"coefficients.{i}") for i in range(members))
+        right = tuple(get(f"right_basis.{i}") for i in range(members)) if two_sided else None
+        eigenvalues = tuple(eig(e) for e in diagnostics["eigenvalues"])
+        chance = tuple(diagnostics["chance"])
+    else:
+        basis, coefficients = get("basis"), get("coefficients")
+        right = get("right_basis") if two_sided else None
+        eigenvalues, chance = eig(diagnostics["eigenvalues"]), float(diagnostics["chance"])
+    return LayerSplit(
+        method=str(diagnostics["method"]),
+        side=side,
+        param_shape=stack.shape[1:],
+        dtype=stack.dtype,
+        basis=basis,
+        right_basis=right,
+        coefficients=coefficients,
+        eigenvalues=eigenvalues,
+        ranks=tuple(int(r) for r in diagnostics["ranks"]),
+        chance=chance,
+        threshold_used=float(diagnostics["threshold_used"]),
+        oriented=oriented,
+    )

@@ -1,0 +1,295 @@
+"""The decomposition flow: one job per parameter of a family, run on a Dask cluster.
+
+Plan → dispatch (prefect-dask; GPU workers with ``--gpu``) → collect → track in MLflow.
+Resumable and idempotent: the run name derives from (family, members, settings, member
+revisions), finished parameters are skipped on rerun, member bases are cached so adding a
+member costs one new basis per parameter. A failing parameter is retried, then reported
+without losing the others, and the run stays unfinished until it succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.futures import as_completed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from flows.settings import Settings, load_settings
+from flows.tracking import use_experiment
+from storage.catalogue import Catalogue
+from storage.decompositions import DecompositionRun
+from storage.errors import CatalogueError
+from tasks.decompose_job import (
+    SplitSettings,
+    decompose_parameter_task,
+    member_fingerprint,
+    run_id,
+)
+from tasks.report import chance_warnings, shared_energy_heatmap, spectrum_figure, summary_rows
+
+
+class DecomposeError(RuntimeError):
+    """A decomposition that cannot start or did not finish; the message says why."""
+
+
+@dataclass
+class DecomposeResult:
+    """What a decomposition flow did."""
+
+    family: str
+    run: str
+    members: list[str]
+    parameters: list[str]
+    computed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    bases_computed: int = 0
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan(
+    catalogue: Catalogue, family: str, members: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """The members (sorted) and the parameters every one of them holds; clear errors for an
+    unknown family or member, or fewer than two members."""
+    if family not in catalogue.families():
+        known = ", ".join(catalogue.families()) or "none"
+        raise DecomposeError(
+            f"no family {family!r} in catalogue {catalogue.url} (families: {known})"
+        )
+    available = catalogue.members(family)
+    chosen = sorted(members) if members else available
+    unknown = [m for m in chosen if m not in available]
+    if unknown:
+        raise DecomposeError(
+            f"family {family!r} has no complete member {unknown[0]!r} (members: {', '.join(available) or 'none'})"
+        )
+    if len(chosen) < 2:
+        raise DecomposeError(
+            f"family {family!r}: a split needs at least 2 members, got {len(chosen)}"
+        )
+    first = catalogue.parameters(family, chosen[0])
+    common = set(first).intersection(*(catalogue.parameters(family, m) for m in chosen[1:]))
+    return chosen, [p for p in first if p in common]
+
+
+@flow(name="tvsplit-decompose", log_prints=True)
+def decompose_family(
+    family: str,
+    members: list[str] | None = None,
+    settings: SplitSettings | None = None,
+    catalogue_url: str | None = None,
+    gpu: bool = False,
+    track: bool = True,
+    show_progress: bool = True,
+) -> DecomposeResult:
+    """Split every parameter of ``family`` and write run ``decompositions/<run>``."""
+    logger = get_run_logger()
+    app_settings = load_settings(catalogue=catalogue_url)
+    settings = settings or SplitSettings()
+    catalogue = Catalogue(app_settings.catalogue)
+    chosen, parameters = plan(catalogue, family, members)
+    fingerprints = {m: member_fingerprint(catalogue, family, m) for m in chosen}
+    run = run_id(family, chosen, settings, fingerprints)
+    store = DecompositionRun(catalogue, family, run)
+    store.begin(settings.model_dump(), chosen, parameters)
+    done = store.completed()
+    todo = [p for p in parameters if p not in done]
+    result = DecomposeResult(
+        family, run, chosen, parameters, skipped=[p for p in parameters if p in done]
+    )
+    logger.info(
+        "run %s: %d parameters, %d to split, %d done", run, len(parameters), len(todo), len(done)
+    )
+
+    annotation = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
+    with annotation:
+        futures = {
+            decompose_parameter_task.submit(
+                app_settings.catalogue, family, run, name, chosen, fingerprints, settings
+            ): name
+            for name in todo
+        }
+    for future in _progress(
+        as_completed(list(futures)), len(futures), f"splitting {family}", show_progress
+    ):
+        name = futures[future]
+        try:
+            report = future.result()
+        except Exception as error:  # reported below; the other parameters go on
+            result.failed[name] = f"{type(error).__name__}: {error}"
+            logger.error("parameter %s failed: %s", name, error)
+            continue
+        result.computed.append(name)
+        result.bases_computed += int(report["bases_computed"])
+
+    result.diagnostics = [
+        {**store.read_parameter(p).diagnostics, "name": p}
+        for p in parameters
+        if p not in result.failed
+    ]
+    result.warnings = chance_warnings(result.diagnostics)
+    for warning in result.warnings:
+        logger.warning(warning)
+    rows = summary_rows(result.diagnostics)
+    create_table_artifact(
+        key=f"decompose-{family}".lower().replace("_", "-"),
+        table=rows,
+        description=f"Decomposition {family}/{run}: one row per parameter",
+    )
+    if result.failed:
+        failures = "; ".join(f"{name}: {why}" for name, why in result.failed.items())
+        raise DecomposeError(
+            f"run {run}: {len(result.failed)} of {len(parameters)} parameter(s) failed after "
+            f"retries ({failures}); the others are saved, rerun to finish"
+        )
+    store.finish({"bases_computed": result.bases_computed})
+    if track:
+        result.mlflow_run_id = _track(app_settings, result, settings)
+    return result
+
+
+def _progress(items: Iterator, total: int, label: str, show: bool) -> Iterator:
+    if not show or total == 0:
+        yield from items
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, transient=False) as progress:
+        job = progress.add_task(label, total=total)
+        for item in items:
+            yield item
+            progress.advance(job)
+
+
+HEATMAP = "shared_energy_heatmap.png"
+SPECTRA = "eigenvalue_spectra.png"
+
+
+def _track(app_settings: Settings, result: DecomposeResult, settings: SplitSettings) -> str:
+    """One MLflow run: settings as params, per-parameter metrics, summary table, plots."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    use_experiment("tvsplit-decompose", app_settings)
+    rows = summary_rows(result.diagnostics)
+    with mlflow.start_run(run_name=f"{result.family}/{result.run}") as active:
+        mlflow.log_params(
+            {
+                **settings.model_dump(),
+                "family": result.family,
+                "run": result.run,
+                "members": ",".join(result.members),
+                "catalogue": app_settings.catalogue,
+            }
+        )
+        metrics: dict[str, float] = {
+            "parameters": len(result.parameters),
+            "bases_computed": result.bases_computed,
+        }
+        for row in rows:
+            name = row["parameter"]
+            for key in ("k", "gap", "chance", "top_eigenvalue"):
+                metrics[f"{key}/{name}"] = row[key]
+            for member in result.members:
+                metrics[f"shared_energy/{name}/{member}"] = row[f"shared_energy/{member}"]
+        mlflow.log_metrics(metrics)
+        mlflow.log_table({k: [row[k] for row in rows] for k in rows[0]}, "summary.json")
+        for figure, name in (
+            (shared_energy_heatmap(result.diagnostics), HEATMAP),
+            (spectrum_figure(result.diagnostics), SPECTRA),
+        ):
+            mlflow.log_figure(figure, name)
+            plt.close(figure)
+        return active.info.run_id
+
+
+@contextlib.contextmanager
+def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any]:
+    """A Dask task runner for the flow: on ``scheduler`` (``tcp://host:8786``) or a fresh
+    threaded LocalCluster of ``workers`` workers. With ``gpu``, refuses a cluster where no
+    worker offers a ``GPU`` resource (a job asking for one would wait forever)."""
+    from distributed import Client, LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    cluster = None
+    if scheduler is None:
+        import torch
+
+        if gpu and not torch.cuda.is_available():
+            raise DecomposeError(
+                "--gpu: this machine has no CUDA device; pass --scheduler of a cluster with GPU workers"
+            )
+        resources = {"GPU": 1} if gpu else None
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=False,
+            dashboard_address=None,
+            resources=resources,
+        )
+    try:
+        if gpu:
+            with Client(cluster if cluster is not None else scheduler, timeout=30) as client:
+                offered = [
+                    w.get("resources", {}) for w in client.scheduler_info()["workers"].values()
+                ]
+            if not any(r.get("GPU", 0) >= 1 for r in offered):
+                where = scheduler or "the local cluster"
+                raise DecomposeError(
+                    f"--gpu: no worker of {where} offers a GPU resource; start workers with "
+                    "`dask worker SCHEDULER --resources GPU=1`"
+                )
+        # By address, not by cluster object: the flow (with its task runner) travels in the
+        # context of every job, and a live cluster object does not pickle.
+        yield DaskTaskRunner(
+            address=cluster.scheduler_address if cluster is not None else scheduler
+        )
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def run_decompose(
+    family: str,
+    *,
+    members: list[str] | None = None,
+    settings: SplitSettings | None = None,
+    catalogue_url: str | None = None,
+    scheduler: str | None = None,
+    workers: int = 2,
+    gpu: bool = False,
+    track: bool = True,
+    show_progress: bool = True,
+) -> DecomposeResult:
+    """Start (or join) the cluster and run the decomposition flow on it."""
+    with dask_cluster(scheduler, workers, gpu) as runner:
+        return decompose_family.with_options(task_runner=runner)(
+            family,
+            members=members,
+            settings=settings,
+            catalogue_url=catalogue_url,
+            gpu=gpu,
+            track=track,
+            show_progress=show_progress,
+        )
+
+
+def read_diagnostics(catalogue: Catalogue, family: str, run: str, name: str) -> dict[str, Any]:
+    """The stored diagnostics of one parameter of a run."""
+    try:
+        return DecompositionRun(catalogue, family, run).read_parameter(name).diagnostics
+    except CatalogueError as error:
+        raise DecomposeError(str(error)) from None

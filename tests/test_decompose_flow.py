@@ -1,0 +1,180 @@
+"""The decomposition flow on a threaded LocalCluster, against direct calls of the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tasks.decompose_job as job
+from flows.decompose import DecomposeError, run_decompose
+from storage.catalogue import Catalogue
+from storage.decompositions import DecompositionRun, list_runs
+from tasks.decompose import decompose_layer, split_from_arrays
+from tasks.decompose_job import SplitSettings
+from tasks.synthetic import planted_family
+
+PARAMS = {
+    "blocks.0.mlp.weight": (40, 24),
+    "blocks.0.attn.weight": (24, 24),
+    "blocks.0.norm.weight": (24,),
+}
+
+
+def _vectors(members: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, (name, shape) in enumerate(PARAMS.items()):
+        if len(shape) == 2:
+            fam = planted_family(
+                *shape, members, shared_rank=2, unique_rank=2, noise=0.02, seed=index
+            )
+            out[name] = fam.deltas
+        else:
+            out[name] = torch.randn(members, *shape, generator=torch.Generator().manual_seed(index))
+    return out
+
+
+@pytest.fixture
+def catalogue(tmp_path) -> Catalogue:
+    """A family 'fam' with a base and four members m0..m3 written straight into the catalogue."""
+    cat = Catalogue(str(tmp_path / "catalogue.zarr"))
+    vectors = _vectors(4)
+    entries = [(None, {n: torch.zeros(s) for n, s in PARAMS.items()})]
+    entries += [(f"m{i}", {n: v[i] for n, v in vectors.items()}) for i in range(4)]
+    for member, tensors in entries:
+        writer = cat.writer("fam", member, {"source": f"synthetic:{member}"})
+        for name, tensor in tensors.items():
+            writer.write(name, tensor, {"source": "synthetic"})
+        writer.finish(list(tensors), {"source": f"synthetic:{member}"})
+    return cat
+
+
+def _run(catalogue, **kwargs):
+    kwargs.setdefault("track", False)
+    kwargs.setdefault("show_progress", False)
+    return run_decompose("fam", catalogue_url=catalogue.url, workers=2, **kwargs)
+
+
+def test_flow_equals_direct_calls(prefect_harness, catalogue):
+    settings = SplitSettings(min_tasks=2)
+    members = ["m0", "m1", "m2"]
+    result = _run(catalogue, members=members, settings=settings)
+    assert sorted(result.computed) == sorted(PARAMS) and not result.failed
+    assert result.bases_computed == len(PARAMS) * 3
+    store = DecompositionRun(catalogue, "fam", result.run)
+    assert store.attrs()["status"] == "complete"
+    for name in PARAMS:
+        deltas = torch.stack([catalogue.read("fam", name, member=m) for m in members])
+        direct = decompose_layer(deltas, min_tasks=2)
+        stored = store.read_parameter(name)
+        rebuilt = split_from_arrays(stored.arrays, stored.diagnostics, deltas)
+        assert stored.diagnostics["k"] == direct.k
+        assert torch.allclose(rebuilt.shared, direct.shared, atol=1e-6)
+        assert torch.allclose(rebuilt.unique, direct.unique, atol=1e-6)
+    runs = dict(list_runs(catalogue, "fam"))
+    assert runs[result.run]["settings"]["min_tasks"] == 2
+
+
+def test_rerun_skips_everything(prefect_harness, catalogue):
+    first = _run(catalogue)
+    again = _run(catalogue)
+    assert again.run == first.run
+    assert again.computed == [] and sorted(again.skipped) == sorted(PARAMS)
+    assert again.bases_computed == 0
+
+
+def test_adding_a_member_computes_only_its_bases(prefect_harness, catalogue):
+    first = _run(catalogue, members=["m0", "m1", "m2"])
+    grown = _run(catalogue, members=["m0", "m1", "m2", "m3"])
+    assert grown.run != first.run
+    assert grown.bases_computed == len(PARAMS)  # one new basis per parameter, for m3 only
+
+
+def test_a_job_that_fails_once_is_retried(prefect_harness, catalogue, monkeypatch):
+    real = job.split_from_bases
+    calls: dict[str, int] = {}
+
+    def flaky(deltas, bases, *, name, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        if name == "blocks.0.attn.weight" and calls[name] == 1:
+            raise OSError("worker lost its connection")
+        return real(deltas, bases, name=name, **kwargs)
+
+    monkeypatch.setattr(job, "split_from_bases", flaky)
+    result = _run(catalogue)
+    assert calls["blocks.0.attn.weight"] == 2
+    assert sorted(result.computed) == sorted(PARAMS) and not result.failed
+
+
+def test_a_parameter_that_keeps_failing_is_reported_and_the_rest_kept(
+    prefect_harness, catalogue, monkeypatch
+):
+    real = job.split_from_bases
+
+    def broken(deltas, bases, *, name, **kwargs):
+        if name == "blocks.0.mlp.weight":
+            raise OSError("disk on fire")
+        return real(deltas, bases, name=name, **kwargs)
+
+    monkeypatch.setattr(job, "split_from_bases", broken)
+    with pytest.raises(
+        DecomposeError, match=r"1 of 3 parameter\(s\) failed.*blocks.0.mlp.weight.*disk on fire"
+    ):
+        _run(catalogue)
+    ((run, attrs),) = list_runs(catalogue, "fam")
+    assert attrs["status"] == "partial"
+    assert DecompositionRun(catalogue, "fam", run).completed() == set(PARAMS) - {
+        "blocks.0.mlp.weight"
+    }
+    monkeypatch.setattr(job, "split_from_bases", real)
+    resumed = _run(catalogue)
+    assert resumed.run == run and resumed.computed == ["blocks.0.mlp.weight"]
+
+
+def test_unknown_family_and_member(prefect_harness, catalogue):
+    with pytest.raises(DecomposeError, match=r"no family 'nope'.*families: fam"):
+        run_decompose("nope", catalogue_url=catalogue.url, track=False, show_progress=False)
+    with pytest.raises(DecomposeError, match=r"no complete member 'm9'.*m0, m1, m2, m3"):
+        _run(catalogue, members=["m0", "m9"])
+    with pytest.raises(DecomposeError, match="at least 2 members"):
+        _run(catalogue, members=["m0"])
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU"
+)
+def test_gpu_is_refused_without_a_gpu_worker(catalogue):
+    with pytest.raises(DecomposeError, match="no CUDA device"):
+        _run(catalogue, gpu=True)
+
+
+def test_gpu_is_refused_when_no_worker_offers_one(catalogue):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(DecomposeError, match="no worker of .* offers a GPU resource"):
+            _run(catalogue, gpu=True, scheduler=cluster.scheduler_address)
+
+
+def test_gpu_jobs_run_on_workers_that_offer_a_gpu(prefect_harness, catalogue):
+    """The GPU path on CPU: jobs annotated with GPU=1 land on a worker offering it."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, processes=False, dashboard_address=None, resources={"GPU": 1}
+    ) as cluster:
+        result = _run(catalogue, gpu=True, scheduler=cluster.scheduler_address)
+    assert sorted(result.computed) == sorted(PARAMS)
+
+
+def test_tracked_in_mlflow_with_plots(prefect_harness, catalogue, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("TVSPLIT_ARTIFACTS", str(tmp_path / "artifacts"))
+    result = _run(catalogue, track=True)
+    run = mlflow.get_run(result.mlflow_run_id)
+    assert run.data.params["method"] == "mean-projector"
+    assert run.data.metrics["k/blocks.0.attn.weight"] >= 1
+    assert "shared_energy/blocks.0.mlp.weight/m3" in run.data.metrics
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.mlflow_run_id)}
+    assert {"shared_energy_heatmap.png", "eigenvalue_spectra.png", "summary.json"} <= names
