@@ -15,9 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on workers and CI
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
 Diagnostics = Mapping[str, Any]
 

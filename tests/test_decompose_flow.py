@@ -150,9 +150,11 @@ def test_gpu_is_refused_without_a_gpu_worker(catalogue):
 def test_gpu_is_refused_when_no_worker_offers_one(catalogue):
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
-        with pytest.raises(DecomposeError, match="no worker of .* offers a GPU resource"):
-            _run(catalogue, gpu=True, scheduler=cluster.scheduler_address)
+    with (
+        LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
+        pytest.raises(DecomposeError, match="no worker of .* offers a GPU resource"),
+    ):
+        _run(catalogue, gpu=True, scheduler=cluster.scheduler_address)
 
 
 def test_gpu_jobs_run_on_workers_that_offer_a_gpu(prefect_harness, catalogue):
