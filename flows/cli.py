@@ -28,3 +28,7 @@ def demo(
     from flows.demo import run_demo
 
     run_demo(size=size, members=members, noise=noise, seed=seed)
+
+
+import flows.catalogue_cli  # noqa: E402  (registers `ingest` and `catalogue ...`)
+import flows.decompose_cli  # noqa: E402, F401  (registers `decompose`)

@@ -36,6 +36,7 @@ from tasks.subspaces import (
     projector_product,
     projector_product_chance,
 )
+from tasks.task_vector import all_finite
 
 METHODS = ("mean-projector", "projector-product", "pairwise")
 SIDES = ("left", "right", "auto")
@@ -96,7 +97,7 @@ def _check_member(delta: torch.Tensor, name: str | None, member: int | str) -> N
         raise DecompositionError(
             f"{_where(name, member)}: the tensor is empty (shape {tuple(delta.shape)})"
         )
-    if not torch.isfinite(delta).all():
+    if not all_finite(delta):
         raise DecompositionError(f"{_where(name, member)}: contains NaN or Inf")
 
 

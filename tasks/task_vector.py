@@ -11,6 +11,13 @@ class TaskVectorError(ValueError):
     """A base and a fine-tuned model that cannot be subtracted; the message names the parameter."""
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf. Checks the sum first (NaN and Inf propagate into
+    it), and only on an overflowed or non-finite sum looks element by element."""
+    total = tensor.sum(dtype=torch.float64) if tensor.is_floating_point() else tensor.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 def parameter_delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
     """`finetuned - base` for one parameter, computed in float32 (float64 stays float64).
 
@@ -29,7 +36,7 @@ def parameter_delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> t
             )
     dtype = torch.float64 if torch.float64 in (base.dtype, finetuned.dtype) else torch.float32
     delta = finetuned.to(dtype) - base.to(dtype)
-    if not torch.isfinite(delta).all():
+    if not all_finite(delta):
         raise TaskVectorError(f"parameter {name!r}: the task vector contains NaN or Inf")
     return delta
 

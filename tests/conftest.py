@@ -22,3 +22,27 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# -- tiny model repositories (tests/fixtures_models.py), built once per session ---------------
+@pytest.fixture(scope="session")
+def repos(tmp_path_factory):
+    """A tiny GPT-2 base, two fake fine-tunes, a sharded copy, and a classifier base."""
+    from types import SimpleNamespace
+
+    from fixtures_models import finetuned_copy, save_model, tiny_gpt2
+
+    root = tmp_path_factory.mktemp("repos")
+    base_model = tiny_gpt2(0)
+    base = save_model(base_model, root / "base")
+    classifier_model = tiny_gpt2(1, classifier=True)
+    return SimpleNamespace(
+        root=root,
+        base_model=base_model,
+        base=base,
+        ft1=finetuned_copy(base, root / "ft1", seed=1),
+        ft2=finetuned_copy(base, root / "ft2", seed=2),
+        sharded=save_model(base_model, root / "sharded", max_shard_size="40KB"),
+        classifier_model=classifier_model,
+        classifier=save_model(classifier_model, root / "classifier"),
+    )

@@ -1,0 +1,219 @@
+"""Ingest benchmark: throughput against the raw I/O floor, and peak memory against model size.
+
+1. Throughput. For a synthetic GPT-2-small-width model (768 wide, vocab 50257) the member
+   ingest (read fine-tuned + base tensors, subtract, check, write float32 zstd arrays,
+   sha256 the files) is timed against the floor measured in the same run: read the same
+   safetensors tensors and write the same bytes with zarr (same chunks, same codec).
+   Target: ingest ≥ 0.7 × floor.
+2. Memory. Base + one member are ingested in a fresh subprocess for 6, 12 and 24 layers;
+   peak RSS (ru_maxrss) must stay flat while the model grows (bounded by the largest
+   tensor, the 50257 × 768 embedding, not by the number of layers).
+
+Run: ``.venv/bin/python benchmarks/ingest_bench.py [--layers 6 12 24] [--keep DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import zarr
+from rich.console import Console
+from rich.table import Table
+from safetensors import safe_open
+from safetensors.torch import save_file
+from zarr.codecs import ZstdCodec
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from storage.catalogue import ZSTD_LEVEL, row_chunks  # noqa: E402
+from tasks.ingest import IngestJob, run_ingest_job  # noqa: E402
+
+WIDTH, VOCAB, POSITIONS = 768, 50257, 1024
+
+
+def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
+    d = WIDTH
+    return {
+        f"h.{i}.ln_1.weight": (d,),
+        f"h.{i}.ln_1.bias": (d,),
+        f"h.{i}.attn.c_attn.weight": (d, 3 * d),
+        f"h.{i}.attn.c_attn.bias": (3 * d,),
+        f"h.{i}.attn.c_proj.weight": (d, d),
+        f"h.{i}.attn.c_proj.bias": (d,),
+        f"h.{i}.ln_2.weight": (d,),
+        f"h.{i}.ln_2.bias": (d,),
+        f"h.{i}.mlp.c_fc.weight": (d, 4 * d),
+        f"h.{i}.mlp.c_fc.bias": (4 * d,),
+        f"h.{i}.mlp.c_proj.weight": (4 * d, d),
+        f"h.{i}.mlp.c_proj.bias": (d,),
+    }
+
+
+def write_model(folder: Path, layers: int, seed: int, base: Path | None = None) -> int:
+    """A sharded safetensors model (one shard per 6 layers); returns its byte size.
+
+    With `base`, each tensor is the base's plus small noise (a fake fine-tune).
+    """
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    groups = [["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]]
+    shapes = {"wte.weight": (VOCAB, WIDTH), "wpe.weight": (POSITIONS, WIDTH)}
+    shapes |= {"ln_f.weight": (WIDTH,), "ln_f.bias": (WIDTH,)}
+    for start in range(0, layers, 6):
+        group: list[str] = []
+        for i in range(start, min(layers, start + 6)):
+            shapes |= layer_shapes(i)
+            group += list(layer_shapes(i))
+        groups.append(group)
+    weight_map, total = {}, 0
+    for index, names in enumerate(groups):
+        shard = f"model-{index + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            if base is None:
+                tensors[name] = torch.randn(shapes[name], generator=generator) * 0.02
+            else:
+                with safe_open(str(base / shard), "pt") as handle:
+                    tensors[name] = handle.get_tensor(name) + 1e-3 * torch.randn(
+                        shapes[name], generator=generator
+                    )
+            total += tensors[name].numel() * 4
+            weight_map[name] = shard
+        save_file(tensors, str(folder / shard), metadata={"format": "pt"})
+        del tensors
+    index_data = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_data))
+    return total
+
+
+def floor(model: Path, out: Path) -> float:
+    """Seconds to read every tensor of `model` and write the same float32 bytes with zarr."""
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    group = zarr.open_group(str(out), mode="w")
+    started = time.perf_counter()
+    for name, shard in index.items():
+        with safe_open(str(model / shard), "pt") as handle:
+            data = handle.get_tensor(name).numpy()
+        array = group.create_array(
+            name=name,
+            shape=data.shape,
+            dtype="float32",
+            chunks=row_chunks(data.shape),
+            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            fill_value=0.0,
+        )
+        array[...] = data
+    return time.perf_counter() - started
+
+
+def ingest_member(catalogue: Path, base: Path, member: Path) -> float:
+    run_ingest_job(IngestJob(str(catalogue), "bench", None, str(base), str(base)))
+    started = time.perf_counter()
+    run_ingest_job(IngestJob(str(catalogue), "bench", "m", str(member), str(base)))
+    return time.perf_counter() - started
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries ru_maxrss across
+    fork+exec, so a child started by a big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(catalogue: str, base: str, member: str) -> None:
+    """Subprocess body: ingest base + member, print peak RSS (MiB) as JSON."""
+    before = peak_rss_mib()
+    run_ingest_job(IngestJob(catalogue, "bench", None, base, base))
+    run_ingest_job(IngestJob(catalogue, "bench", "m", member, base))
+    print(json.dumps({"imports_mib": before, "peak_mib": peak_rss_mib()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[6, 12, 24])
+    parser.add_argument("--keep", type=Path, default=None, help="Work folder to keep.")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    work = Path(args.keep or tempfile.mkdtemp(prefix="tvsplit-bench-"))
+    console = Console()
+    rows = []
+    try:
+        for layers in args.layers:
+            base, member = work / f"base{layers}", work / f"ft{layers}"
+            size = write_model(base, layers, seed=0)
+            write_model(member, layers, seed=1, base=base)
+            floor_s = floor(member, work / f"floor{layers}.zarr")
+            ingest_s = ingest_member(work / f"cat{layers}.zarr", base, member)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(work / f"rss{layers}.zarr"),
+                    str(base),
+                    str(member),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rss = json.loads(proc.stdout.strip().splitlines()[-1])
+            mib = size / 2**20
+            rows.append(
+                (layers, mib, mib / floor_s, mib / ingest_s, rss["imports_mib"], rss["peak_mib"])
+            )
+            for path in work.glob(f"*{layers}*"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    table = Table(title="ingest: throughput vs raw floor, peak RSS vs model size")
+    for column in (
+        "layers",
+        "model MiB",
+        "floor MB/s",
+        "ingest MB/s",
+        "ingest/floor",
+        "RSS after imports MiB",
+        "peak RSS MiB",
+        "peak − imports / model",
+    ):
+        table.add_column(column, justify="right")
+    for layers, mib, floor_rate, ingest_rate, imports, peak in rows:
+        table.add_row(
+            str(layers),
+            f"{mib:.0f}",
+            f"{floor_rate:.0f}",
+            f"{ingest_rate:.0f}",
+            f"{ingest_rate / floor_rate:.2f}",
+            f"{imports:.0f}",
+            f"{peak:.0f}",
+            f"{(peak - imports) / mib:.2f}",
+        )
+    console.print(table)
+    ratios = [r[3] / r[2] for r in rows]
+    growth = rows[-1][5] - rows[0][5]
+    console.print(
+        f"min ingest/floor = {min(ratios):.2f} (target ≥ 0.70); peak RSS grows by {growth:.0f} MiB "
+        f"from {rows[0][0]} to {rows[-1][0]} layers while the model grows by "
+        f"{rows[-1][1] - rows[0][1]:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()

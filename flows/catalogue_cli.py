@@ -1,0 +1,149 @@
+"""CLI verbs for the catalogue: `tvsplit ingest SPEC`, `tvsplit catalogue ls|show|rm`.
+
+The catalogue location comes from ``--catalogue``, else ``TVSPLIT_CATALOGUE``, else the
+default (`flows.settings`). User errors print their reason and exit with status 1,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.cli import app
+from flows.settings import load_settings
+
+catalogue_app = typer.Typer(help="Inspect and edit the catalogue.", no_args_is_help=True)
+app.add_typer(catalogue_app, name="catalogue")
+
+_out = Console()
+_err = Console(stderr=True)
+CatalogueOption = typer.Option(
+    None, "--catalogue", help="Catalogue path or fsspec URL (default: $TVSPLIT_CATALOGUE)."
+)
+
+
+def _fail(message: str) -> None:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _report(rows: list[dict]) -> Table:
+    table = Table("status", "params", "written", "MB", "s", "commit", "reason")
+    table.add_column("entry", no_wrap=True)
+    table.columns.insert(0, table.columns.pop())
+    table.columns[-1].overflow = "fold"
+    for r in rows:
+        commit = (r.get("commit") or "")[:12]
+        table.add_row(
+            r["entry"],
+            r["status"],
+            str(r.get("parameters", "")),
+            str(r.get("written", "")),
+            f"{r.get('megabytes', 0):.1f}",
+            f"{r.get('seconds', 0):.1f}",
+            commit,
+            r.get("reason", ""),
+        )
+    return table
+
+
+@app.command("ingest")
+def ingest_command(
+    spec: Annotated[Path, typer.Argument(help="Catalogue spec YAML (families, bases, members).")],
+    catalogue: str | None = CatalogueOption,
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Accept .bin/.pt checkpoints (loaded weights_only)."
+    ),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Fetch every source of SPEC and store its base weights and task vectors."""
+    from flows.ingest import USER_ERRORS, IngestFailedError, ingest
+
+    url = load_settings(catalogue=catalogue).catalogue
+    try:
+        rows = ingest(spec, url, allow_pickle=allow_pickle, progress=progress)
+    except IngestFailedError as error:
+        _out.print(_report(error.rows))
+        _fail(str(error))
+    except USER_ERRORS as error:
+        _fail(str(error))
+    else:
+        _out.print(_report(rows))
+        _out.print(f"catalogue: {url}")
+
+
+@catalogue_app.command("ls")
+def ls_command(catalogue: str | None = CatalogueOption) -> None:
+    """List families with their base and members (complete ones; partial ones marked)."""
+    from storage.catalogue import Catalogue
+
+    cat = Catalogue(load_settings(catalogue=catalogue).catalogue)
+    families = cat.families()
+    if not families:
+        _out.print(f"{cat.url}: no families")
+        return
+    table = Table("family", "base", "members", "partial")
+    for family in families:
+        complete = cat.members(family)
+        partial = sorted(set(cat.members(family, include_partial=True)) - set(complete))
+        base = cat.entry(family)
+        base_text = "-" if base is None else base.status
+        table.add_row(family, base_text, ", ".join(complete), ", ".join(partial))
+    _out.print(table)
+
+
+@catalogue_app.command("show")
+def show_command(family: str, catalogue: str | None = CatalogueOption) -> None:
+    """Show a family's entries: status, source, commit, parameter count and size."""
+    from storage.catalogue import Catalogue
+    from storage.errors import StorageError
+
+    cat = Catalogue(load_settings(catalogue=catalogue).catalogue)
+    try:
+        if family not in cat.families():
+            _fail(f"{cat.url}: no family {family!r}")
+        table = Table("status", "source", "commit", "params", "completed")
+        table.add_column("entry", no_wrap=True)
+        table.columns.insert(0, table.columns.pop())
+        table.columns[2].overflow = "fold"
+        for member in [None, *cat.members(family, include_partial=True)]:
+            info = cat.entry(family, member)
+            if info is None:
+                continue
+            attrs = info.attrs
+            fingerprint = attrs.get("fingerprint", {})
+            table.add_row(
+                info.label,
+                info.status,
+                str(attrs.get("source") or fingerprint.get("source", "")),
+                str(attrs.get("commit") or fingerprint.get("commit") or "")[:12],
+                str(len(attrs.get("parameters", []))) if info.complete else "",
+                str(attrs.get("completed", "")),
+            )
+        _out.print(table)
+    except StorageError as error:
+        _fail(str(error))
+
+
+@catalogue_app.command("rm")
+def rm_command(
+    family: str,
+    member: str | None = typer.Option(None, help="Member to delete (default: the base)."),
+    catalogue: str | None = CatalogueOption,
+) -> None:
+    """Delete one entry (a family's base, or one member) from the catalogue."""
+    from storage.catalogue import Catalogue, entry_label
+
+    cat = Catalogue(load_settings(catalogue=catalogue).catalogue)
+    try:
+        deleted = cat.delete(family, member)
+    except ValueError as error:
+        _fail(str(error))
+    if not deleted:
+        _fail(f"{cat.url}: no entry {entry_label(family, member)}")
+    _out.print(f"deleted {entry_label(family, member)}")

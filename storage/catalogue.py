@@ -1,0 +1,373 @@
+"""The catalogue: base weights, task vectors and decompositions of model families in Zarr 3.
+
+Layout (under any local path or fsspec URL)::
+
+    families/<family>/base/<param>              base weights
+    families/<family>/vectors/<member>/<param>  task vectors
+    families/<family>/decompositions/<run>/     decomposition outputs
+
+Guarantees:
+
+- arrays are float32 (the source dtype is kept in attrs), chunked along rows into
+  4–16 MiB chunks (an array smaller than that is one chunk), compressed with zstd;
+- parameter names are stored under reversible zarr-safe keys (`storage.names`) and the
+  true name is kept in each array's attrs;
+- every entry (a base or a vector group) and every array carries provenance attrs under
+  the ``tvsplit`` key; an array is marked complete only after its data is written, and an
+  entry only after all its arrays are, so readers never trust a half-written entry and a
+  rerun skips what is complete (`EntryWriter`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.errors import GroupNotFoundError
+
+from storage.errors import CatalogueError
+from storage.names import check_node_name, param_key, param_name
+from storage.provenance import tvsplit_version, utc_now
+
+ATTRS = "tvsplit"
+COMPLETE = "complete"
+PARTIAL = "partial"
+ZSTD_LEVEL = 1
+CHUNK_TARGET = 8 << 20
+CHUNK_MAX = 16 << 20
+_ITEMSIZE = 4
+
+Rows = slice | int | None
+
+
+def row_chunks(shape: Sequence[int], itemsize: int = _ITEMSIZE) -> tuple[int, ...]:
+    """Chunk shape for an array: whole rows, about 8 MiB per chunk (at most 16 MiB).
+
+    A row larger than 16 MiB is split along its next dimensions as well.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        return ()
+    chunks = list(shape)
+    for axis in range(len(shape)):
+        inner = math.prod(chunks[axis + 1 :]) * itemsize
+        if inner * shape[axis] <= CHUNK_MAX:
+            break
+        if inner <= CHUNK_MAX:
+            chunks[axis] = max(1, min(shape[axis], CHUNK_TARGET // max(inner, 1)))
+            break
+        chunks[axis] = 1
+    return tuple(max(1, c) for c in chunks)
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """What the catalogue knows about one entry (a family's base or one of its vectors)."""
+
+    family: str
+    member: str | None
+    status: str
+    attrs: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return self.status == COMPLETE
+
+    @property
+    def label(self) -> str:
+        return entry_label(self.family, self.member)
+
+
+def entry_label(family: str, member: str | None) -> str:
+    """Human label of an entry: ``family/base`` or ``family/vectors/member``."""
+    return f"{family}/base" if member is None else f"{family}/vectors/{member}"
+
+
+def entry_path(family: str, member: str | None) -> str:
+    """Zarr path of an entry inside the catalogue root."""
+    check_node_name("family", family)
+    if member is None:
+        return f"families/{family}/base"
+    return f"families/{family}/vectors/{check_node_name('member', member)}"
+
+
+class Catalogue:
+    """A Zarr 3 catalogue at `url` (a local path or any fsspec URL such as ``s3://b/c.zarr``).
+
+    Reading never creates anything; the store is created on the first write.
+    `member=None` addresses a family's base entry throughout.
+    """
+
+    def __init__(self, url: str, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = str(url)
+        self._storage_options = storage_options
+        self._root: zarr.Group | None = None
+        self._writable = False
+
+    def __repr__(self) -> str:
+        return f"Catalogue({self.url!r})"
+
+    # -- opening ---------------------------------------------------------------------------
+    def _open(self, *, write: bool) -> zarr.Group | None:
+        if self._root is not None and (self._writable or not write):
+            return self._root
+        kwargs: dict[str, Any] = {"zarr_format": 3}
+        if self._storage_options and "://" in self.url:
+            kwargs["storage_options"] = self._storage_options
+        if write:
+            self._root = zarr.open_group(store=self.url, mode="a", **kwargs)
+            self._writable = True
+            return self._root
+        try:
+            self._root = zarr.open_group(store=self.url, mode="r", **kwargs)
+        except (GroupNotFoundError, FileNotFoundError):
+            return None
+        return self._root
+
+    def _group(self, path: str) -> zarr.Group | None:
+        root = self._open(write=False)
+        if root is None:
+            return None
+        try:
+            node = root[path]
+        except KeyError:
+            return None
+        return node if isinstance(node, zarr.Group) else None
+
+    # -- listing ---------------------------------------------------------------------------
+    def families(self) -> list[str]:
+        """Names of all families (sorted), whatever the state of their entries."""
+        group = self._group("families")
+        return sorted(name for name, _ in group.groups()) if group is not None else []
+
+    def entry(self, family: str, member: str | None = None) -> EntryInfo | None:
+        """The entry's status and provenance attrs, or None when it does not exist."""
+        group = self._group(entry_path(family, member))
+        if group is None:
+            return None
+        attrs = dict(group.attrs.get(ATTRS, {}))
+        return EntryInfo(family, member, str(attrs.get("status", PARTIAL)), attrs)
+
+    def members(self, family: str, *, include_partial: bool = False) -> list[str]:
+        """Names of the family's task vectors (sorted); only complete ones unless asked."""
+        group = self._group(f"families/{check_node_name('family', family)}/vectors")
+        if group is None:
+            return []
+        names = []
+        for name, sub in group.groups():
+            status = dict(sub.attrs.get(ATTRS, {})).get("status", PARTIAL)
+            if include_partial or status == COMPLETE:
+                names.append(name)
+        return sorted(names)
+
+    def has_base(self, family: str) -> bool:
+        """Whether the family's base entry is complete."""
+        info = self.entry(family)
+        return info is not None and info.complete
+
+    def _complete_group(self, family: str, member: str | None) -> zarr.Group:
+        label = entry_label(family, member)
+        group = self._group(entry_path(family, member))
+        if group is None:
+            raise CatalogueError(f"{self.url}: no entry {label}")
+        status = dict(group.attrs.get(ATTRS, {})).get("status", PARTIAL)
+        if status != COMPLETE:
+            raise CatalogueError(
+                f"{self.url}: entry {label} is incomplete (an ingest stopped part-way); "
+                "rerun the ingest to finish it"
+            )
+        return group
+
+    def parameters(self, family: str, member: str | None = None) -> list[str]:
+        """Parameter names of a complete entry, in ingest order (from its manifest)."""
+        group = self._complete_group(family, member)
+        return list(group.attrs[ATTRS]["parameters"])
+
+    def array_attrs(self, family: str, name: str, member: str | None = None) -> dict[str, Any]:
+        """Provenance attrs of one stored parameter."""
+        return dict(self._array(family, name, member).attrs[ATTRS])
+
+    def _array(self, family: str, name: str, member: str | None) -> zarr.Array:
+        group = self._complete_group(family, member)
+        try:
+            array = group[param_key(name)]
+        except KeyError:
+            raise CatalogueError(
+                f"{self.url}: entry {entry_label(family, member)} has no parameter {name!r}"
+            ) from None
+        assert isinstance(array, zarr.Array)
+        return array
+
+    # -- reading ---------------------------------------------------------------------------
+    def read(
+        self, family: str, name: str, *, member: str | None = None, rows: Rows = None
+    ) -> torch.Tensor:
+        """One parameter of one complete entry as a float32 tensor: whole, or rows `rows`
+        (a slice or an index along the first dimension). Reads only the chunks needed."""
+        array = self._array(family, name, member)
+        data = array[...] if rows is None or array.ndim == 0 else array[rows]
+        return torch.from_numpy(np.ascontiguousarray(data))
+
+    def iter_parameters(
+        self, family: str, member: str | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(name, tensor)` for every parameter of an entry, one tensor at a time."""
+        for name in self.parameters(family, member):
+            yield name, self.read(family, name, member=member)
+
+    # -- writing ---------------------------------------------------------------------------
+    def writer(
+        self, family: str, member: str | None, fingerprint: Mapping[str, Any]
+    ) -> EntryWriter:
+        """Open an entry for writing, resuming it when possible.
+
+        `fingerprint` (JSON-able: source, resolved commit, file checksums, ...) identifies
+        what the entry is made from. A partial entry with the same fingerprint is resumed
+        (its complete arrays are kept); one with another fingerprint is wiped. A complete
+        entry raises CatalogueError: delete it first to rebuild it.
+        """
+        root = self._open(write=True)
+        assert root is not None
+        path = entry_path(family, member)
+        label = entry_label(family, member)
+        existing = self.entry(family, member)
+        fingerprint = dict(fingerprint)
+        if existing is not None:
+            if existing.complete:
+                raise CatalogueError(f"{self.url}: entry {label} is already complete")
+            if existing.attrs.get("fingerprint") != fingerprint:
+                del root[path]
+                existing = None
+        if existing is None:
+            group = root.require_group(path)
+            group.attrs[ATTRS] = {
+                "status": PARTIAL,
+                "fingerprint": fingerprint,
+                "started": utc_now(),
+                "tvsplit_version": tvsplit_version(),
+            }
+        else:
+            group = root[path]
+            assert isinstance(group, zarr.Group)
+        return EntryWriter(group, label)
+
+    def delete(self, family: str, member: str | None = None) -> bool:
+        """Delete an entry (complete or not); True if something was deleted."""
+        root = self._open(write=False)
+        path = entry_path(family, member)
+        if root is None or self._group(path) is None:
+            return False
+        root = self._open(write=True)
+        assert root is not None
+        del root[path]
+        return True
+
+    def family_group(self, family: str, path: str, *, create: bool = False) -> zarr.Group:
+        """The group ``families/<family>/<path>`` (created when `create`, else CatalogueError
+        when absent); for the decomposition results and caches kept beside a family."""
+        full = f"families/{check_node_name('family', family)}/{path}"
+        if create:
+            root = self._open(write=True)
+            assert root is not None
+            return root.require_group(full)
+        group = self._group(full)
+        if group is None:
+            raise CatalogueError(f"{self.url}: no group {family}/{path}")
+        return group
+
+    def decomposition_group(self, family: str, run: str, *, create: bool = False) -> zarr.Group:
+        """The group ``families/<family>/decompositions/<run>`` (created when `create`)."""
+        path = (
+            f"families/{check_node_name('family', family)}/decompositions/"
+            f"{check_node_name('run', run)}"
+        )
+        if create:
+            root = self._open(write=True)
+            assert root is not None
+            return root.require_group(path)
+        group = self._group(path)
+        if group is None:
+            raise CatalogueError(f"{self.url}: no decomposition {family}/{run}")
+        return group
+
+
+class EntryWriter:
+    """Writes the arrays of one entry; marks each complete after its data, the entry last."""
+
+    def __init__(self, group: zarr.Group, label: str) -> None:
+        self._group = group
+        self.label = label
+
+    def completed(self) -> set[str]:
+        """Names of the parameters already written completely (kept on resume)."""
+        done = set()
+        for key, array in self._group.arrays():
+            try:
+                attrs = dict(array.attrs.get(ATTRS, {}))
+            except Exception:  # a metadata document cut short by a crash: not complete
+                continue
+            if attrs.get("status") == COMPLETE:
+                done.add(param_name(key))
+        return done
+
+    def write(self, name: str, tensor: torch.Tensor | None, attrs: Mapping[str, Any]) -> int:
+        """Store `tensor` as float32 under `name` with provenance `attrs`; return its bytes.
+
+        `tensor=None` with ``attrs["shape"]`` stores an all-zero array without writing any
+        chunk (zarr's fill value). Overwrites an incomplete array of the same name.
+        """
+        if tensor is not None:
+            shape = tuple(tensor.shape)
+            data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        else:
+            shape = tuple(int(s) for s in attrs["shape"])
+            data = None
+        meta = {
+            **attrs,
+            "name": name,
+            "shape": list(shape),
+            "stored_dtype": "float32",
+            "created": utc_now(),
+            "tvsplit_version": tvsplit_version(),
+        }
+        array = self._group.create_array(
+            name=param_key(name),
+            shape=shape,
+            dtype="float32",
+            chunks=row_chunks(shape),
+            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            fill_value=0.0,
+            attributes={ATTRS: {**meta, "status": PARTIAL}},
+            overwrite=True,
+        )
+        if data is not None:
+            array[...] = data
+        array.attrs[ATTRS] = {**meta, "status": COMPLETE}
+        return math.prod(shape) * _ITEMSIZE
+
+    def finish(self, parameters: Sequence[str], attrs: Mapping[str, Any]) -> None:
+        """Mark the entry complete with its manifest (`parameters`, in order) and `attrs`.
+
+        Raises CatalogueError naming the first parameter not written completely.
+        """
+        done = self.completed()
+        missing = [name for name in parameters if name not in done]
+        if missing:
+            raise CatalogueError(
+                f"entry {self.label}: cannot mark complete, {len(missing)} parameter(s) not "
+                f"written, first {missing[0]!r}"
+            )
+        current = dict(self._group.attrs.get(ATTRS, {}))
+        self._group.attrs[ATTRS] = {
+            **current,
+            **attrs,
+            "status": COMPLETE,
+            "parameters": list(parameters),
+            "completed": utc_now(),
+        }

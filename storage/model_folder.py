@@ -1,0 +1,306 @@
+"""Write a model folder tensor by tensor: sharded safetensors, an index, the base's config and
+tokenizer files, and a model card.
+
+The layout is the one transformers writes and reads: one ``model.safetensors`` when
+everything fits in one shard, else ``model-00001-of-0000N.safetensors`` … plus
+``model.safetensors.index.json`` (``{"metadata": {"total_size", "total_parameters"},
+"weight_map": {tensor: file}}``). Every shard carries the safetensors metadata
+``{"format": "pt"}`` that transformers checks.
+
+Guarantees: the folder is built in a temporary folder beside the target
+(``.<name>.tmp-<random>``) and renamed into place only after the last file is written, so a
+folder at the target is always complete; an exception inside the ``with`` block (or
+``abort()``) removes the temporary folder and leaves the target untouched. A process killed
+outright can leave a ``.<name>.tmp-*`` folder beside the target, never a folder at it.
+Memory: tensors are held until their shard is written, so at most one shard
+(``max_shard_bytes``, plus one tensor) is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors.torch import save_file
+
+from storage.errors import StorageError
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "MODEL_FILES",
+    "ModelFolderError",
+    "ModelFolderSummary",
+    "ModelFolderWriter",
+    "atomic_folder",
+    "write_model_folder",
+]
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+
+#: Files copied from the base's folder when present (weights and README are never copied).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class ModelFolderError(StorageError):
+    """A model folder that cannot be written as asked; the message names the folder/tensor."""
+
+
+def _temporary_beside(target: Path, tag: str) -> Path:
+    return target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+@contextmanager
+def atomic_folder(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``target``; rename it to ``target`` when the
+    block ends without an exception, delete it otherwise.
+
+    Raises ModelFolderError if ``target`` exists and ``overwrite`` is False (checked before
+    and after the block). With ``overwrite`` an existing target is replaced only once the
+    new folder is complete.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise ModelFolderError(f"{target}: already exists; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _temporary_beside(target, "tmp")
+    temporary.mkdir()
+    try:
+        yield temporary
+        _move_into_place(temporary, target, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _move_into_place(temporary: Path, target: Path, *, overwrite: bool) -> None:
+    if not target.exists():
+        os.rename(temporary, target)
+        return
+    if not overwrite:
+        raise ModelFolderError(f"{target}: appeared while writing; the new folder was discarded")
+    retired = _temporary_beside(target, "old")
+    os.rename(target, retired)
+    os.rename(temporary, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ModelFolderSummary:
+    """What was written: the folder, its weight files, byte and parameter totals."""
+
+    path: Path
+    files: tuple[str, ...]
+    total_size: int
+    total_parameters: int
+    weight_map: dict[str, str] = field(repr=False)
+
+
+class ModelFolderWriter:
+    """Streamed writer of one model folder; use as a context manager::
+
+        with ModelFolderWriter(out, copy_from=base_dir, model_card=text) as writer:
+            for name, tensor in tensors:
+                writer.add(name, tensor)
+        summary = writer.summary
+
+    Tensors are written in the order added; a shard is closed when the next tensor would
+    take it over ``max_shard_bytes`` (a tensor larger than the limit gets a shard of its
+    own), as transformers does.
+    """
+
+    def __init__(
+        self,
+        target: str | Path,
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        copy_from: str | Path | None = None,
+        copy_files: tuple[str, ...] = MODEL_FILES,
+        model_card: str | None = None,
+        extra_files: Mapping[str, str | bytes] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if max_shard_bytes <= 0:
+            raise ModelFolderError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+        self.target = Path(target).absolute()
+        self.max_shard_bytes = max_shard_bytes
+        self.copy_from = None if copy_from is None else Path(copy_from)
+        if self.copy_from is not None and not self.copy_from.is_dir():
+            raise ModelFolderError(f"{self.copy_from}: base folder to copy files from not found")
+        self.copy_files = copy_files
+        self.model_card = model_card
+        self.extra_files = dict(extra_files or {})
+        self.metadata = {**(metadata or {}), "format": "pt"}
+        self.overwrite = overwrite
+        self.summary: ModelFolderSummary | None = None
+        self._context: AbstractContextManager[Path] | None = None
+        self._folder: Path | None = None
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._storages: set[int] = set()
+        self._shards: list[list[str]] = []
+        self._names: set[str] = set()
+        self._total_size = 0
+        self._total_parameters = 0
+
+    # -- context management
+    def __enter__(self) -> ModelFolderWriter:
+        self._context = atomic_folder(self.target, overwrite=self.overwrite)
+        self._folder = self._context.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._context is not None
+        context = self._context
+        try:
+            if exc_type is None:
+                self._write_remaining()
+        except BaseException as error:
+            context.__exit__(type(error), error, error.__traceback__)
+            raise
+        else:
+            context.__exit__(exc_type, exc, traceback)
+        finally:
+            self._context = None
+            self._folder = None
+            self._buffer.clear()
+
+    def _require_open(self) -> Path:
+        if self._folder is None or self._context is None:
+            raise ModelFolderError(f"{self.target}: the writer is not open; use it in a `with`")
+        return self._folder
+
+    # -- tensors
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; writes the current shard first if this one would overflow it."""
+        self._require_open()
+        if name in self._names:
+            raise ModelFolderError(f"{self.target}: tensor {name!r} was added twice")
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelFolderError(
+                f"{self.target}: tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor"
+            )
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in self._storages or storage.nbytes() != tensor.nbytes:
+            tensor = tensor.clone()  # safetensors refuses tensors that share memory
+        nbytes = tensor.nbytes
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = tensor
+        self._storages.add(tensor.untyped_storage().data_ptr())
+        self._buffer_bytes += nbytes
+        self._names.add(name)
+        self._total_size += nbytes
+        self._total_parameters += tensor.numel()
+
+    def _flush(self) -> None:
+        folder = self._require_open()
+        if not self._buffer:
+            return
+        path = folder / f"shard-{len(self._shards) + 1:05d}.safetensors.partial"
+        try:
+            save_file(self._buffer, str(path), metadata=self.metadata)
+        except Exception as error:
+            raise ModelFolderError(f"{self.target}: writing shard {path.name}: {error}") from error
+        self._shards.append(list(self._buffer))
+        self._buffer = {}
+        self._buffer_bytes = 0
+        self._storages = set()
+
+    def _write_remaining(self) -> None:
+        folder = self._require_open()
+        self._flush()
+        if not self._shards:
+            raise ModelFolderError(f"{self.target}: no tensors were added")
+        count = len(self._shards)
+        files = (
+            [SINGLE_FILE]
+            if count == 1
+            else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        )
+        weight_map: dict[str, str] = {}
+        for i, (names, file) in enumerate(zip(self._shards, files, strict=True), start=1):
+            os.rename(folder / f"shard-{i:05d}.safetensors.partial", folder / file)
+            weight_map.update(dict.fromkeys(names, file))
+        if count > 1:
+            index = {
+                "metadata": {
+                    "total_size": self._total_size,
+                    "total_parameters": self._total_parameters,
+                },
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        self._copy_side_files(folder)
+        self.summary = ModelFolderSummary(
+            path=self.target,
+            files=tuple(files),
+            total_size=self._total_size,
+            total_parameters=self._total_parameters,
+            weight_map=weight_map,
+        )
+
+    def _copy_side_files(self, folder: Path) -> None:
+        if self.copy_from is not None:
+            for name in self.copy_files:
+                source = self.copy_from / name
+                if source.is_file():
+                    shutil.copyfile(source, folder / name)
+        for name, content in self.extra_files.items():
+            if Path(name).name != name:
+                raise ModelFolderError(f"{self.target}: extra file {name!r} must be a plain name")
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(folder / name, mode) as handle:
+                handle.write(content)
+        if self.model_card is not None:
+            (folder / "README.md").write_text(self.model_card, encoding="utf-8")
+
+
+def write_model_folder(
+    target: str | Path,
+    tensors: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]],
+    **options: object,
+) -> ModelFolderSummary:
+    """Write ``tensors`` (a mapping, or an iterator of ``(name, tensor)`` consumed lazily) as
+    a model folder at ``target``; ``options`` are ``ModelFolderWriter``'s keyword arguments."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    writer = ModelFolderWriter(target, **options)  # type: ignore[arg-type]
+    with writer:
+        for name, tensor in items:
+            writer.add(name, tensor)
+    assert writer.summary is not None
+    return writer.summary

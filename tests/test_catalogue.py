@@ -1,0 +1,114 @@
+"""The Zarr catalogue: layout, chunking, provenance, visibility, resume, delete."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import zarr
+
+from storage.catalogue import CHUNK_MAX, Catalogue, row_chunks
+from storage.errors import CatalogueError
+from storage.names import param_key, param_name
+
+FP = {"source": "test", "commit": None}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["h.0.attn.c_attn.weight", "__init__", ".", "..", "a/b", "ü~x", "layer 3%", "~7E", "x" * 300],
+)
+def test_param_keys_are_reversible_and_zarr_safe(name: str) -> None:
+    key = param_key(name)
+    assert param_name(key) == name
+    assert "/" not in key and not key.startswith("__") and key not in {".", ".."}
+    assert all(c.isascii() and (c.isalnum() or c in "._-~") for c in key)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(50257, 768), (768, 3072), (3072,), (10_000_000,), (3, 6_000_000), (64, 3, 7, 7), ()],
+)
+def test_row_chunks_hold_whole_rows_of_at_most_16_mib(shape: tuple[int, ...]) -> None:
+    chunks = row_chunks(shape)
+    assert len(chunks) == len(shape)
+    size = math.prod(chunks) * 4
+    assert size <= CHUNK_MAX
+    if math.prod(shape) * 4 > CHUNK_MAX:
+        assert size >= 4 << 20  # big arrays get 4–16 MiB chunks
+    if len(shape) >= 2 and math.prod(shape[1:]) * 4 <= CHUNK_MAX:
+        assert chunks[1:] == shape[1:]  # whole rows
+
+
+def test_write_read_roundtrip_with_provenance_and_row_slices(tmp_path) -> None:
+    cat = Catalogue(str(tmp_path / "cat.zarr"))
+    assert cat.families() == []  # reading creates nothing
+    assert not (tmp_path / "cat.zarr").exists()
+    big = torch.randn(5000, 1024)  # 20 MiB: more than one chunk
+    half = torch.randn(5, 7).to(torch.bfloat16)
+    writer = cat.writer("fam", None, FP)
+    writer.write("h.0.attn.c_attn.weight", big, {"dtype": "float32", "file": "m.safetensors"})
+    writer.write("ln.weight", half, {"dtype": "bfloat16"})
+    writer.write("zero.weight", None, {"dtype": "float32", "shape": [4, 4]})
+    assert cat.families() == ["fam"] and not cat.has_base("fam")
+    with pytest.raises(CatalogueError, match="incomplete"):
+        cat.read("fam", "ln.weight")
+    writer.finish(["h.0.attn.c_attn.weight", "ln.weight", "zero.weight"], {"source": "test"})
+
+    assert cat.has_base("fam")
+    assert cat.parameters("fam") == ["h.0.attn.c_attn.weight", "ln.weight", "zero.weight"]
+    assert torch.equal(cat.read("fam", "h.0.attn.c_attn.weight"), big)
+    assert torch.equal(
+        cat.read("fam", "h.0.attn.c_attn.weight", rows=slice(100, 203)), big[100:203]
+    )
+    restored = cat.read("fam", "ln.weight")
+    assert restored.dtype == torch.float32 and torch.equal(restored, half.float())
+    assert torch.equal(cat.read("fam", "zero.weight"), torch.zeros(4, 4))
+    attrs = cat.array_attrs("fam", "ln.weight")
+    assert (
+        attrs["dtype"] == "bfloat16" and attrs["shape"] == [5, 7] and attrs["name"] == "ln.weight"
+    )
+    assert attrs["status"] == "complete" and attrs["created"] and attrs["tvsplit_version"]
+    entry = cat.entry("fam")
+    assert entry is not None and entry.attrs["completed"] and entry.attrs["fingerprint"] == FP
+
+    array = zarr.open_group(str(tmp_path / "cat.zarr"), mode="r")["families/fam/base"][
+        param_key("h.0.attn.c_attn.weight")
+    ]
+    assert array.dtype == "float32" and array.chunks == (2048, 1024)  # 8 MiB of whole rows
+    assert type(array.compressors[0]).__name__ == "ZstdCodec"
+
+
+def test_partial_entries_are_invisible_and_resume_keeps_complete_arrays(tmp_path) -> None:
+    cat = Catalogue(str(tmp_path / "cat.zarr"))
+    base = cat.writer("fam", None, FP)
+    base.write("w", torch.ones(2, 2), {})
+    base.finish(["w"], {})
+    first = cat.writer("fam", "m1", FP)
+    first.write("a", torch.ones(3), {})
+    assert cat.members("fam") == [] and cat.members("fam", include_partial=True) == ["m1"]
+    with pytest.raises(CatalogueError, match="cannot mark complete.*'b'"):
+        first.finish(["a", "b"], {})
+
+    again = Catalogue(str(tmp_path / "cat.zarr")).writer("fam", "m1", FP)
+    assert again.completed() == {"a"}  # same fingerprint: resumed
+    other = Catalogue(str(tmp_path / "cat.zarr")).writer("fam", "m1", {**FP, "commit": "x"})
+    assert other.completed() == set()  # another source: started afresh
+    other.write("a", torch.zeros(3), {})
+    other.finish(["a"], {"source": "elsewhere"})
+    assert cat.members("fam") == ["m1"]
+    with pytest.raises(CatalogueError, match="already complete"):
+        cat.writer("fam", "m1", FP)
+
+    assert cat.delete("fam", "m1") and cat.members("fam", include_partial=True) == []
+    assert not cat.delete("fam", "m1")
+    assert cat.has_base("fam")
+
+
+def test_bad_names_are_rejected(tmp_path) -> None:
+    cat = Catalogue(str(tmp_path / "cat.zarr"))
+    with pytest.raises(ValueError, match="family name"):
+        cat.writer("../x", None, FP)
+    with pytest.raises(CatalogueError, match="no entry"):
+        cat.read("fam", "w")
