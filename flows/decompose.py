@@ -275,6 +275,7 @@ def run_decompose(
     show_progress: bool = True,
 ) -> DecomposeResult:
     """Start (or join) the cluster and run the decomposition flow on it."""
+    plan(Catalogue(load_settings(catalogue=catalogue_url).catalogue), family, members)  # fail fast
     with dask_cluster(scheduler, workers, gpu) as runner:
         return decompose_family.with_options(task_runner=runner)(
             family,

@@ -1,6 +1,24 @@
-"""Console entry point `tvsplit` (the app itself lives in `flows.cli`)."""
+"""Console entry point `tvsplit` (the app itself lives in `flows.cli`).
 
-from flows.cli import app
+Quiet, offline-friendly defaults for the engines, set before they are imported; a user's
+own environment always wins.
+"""
+
+import logging
+import os
+
+for _key, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}.items():
+    os.environ.setdefault(_key, _value)
+logging.getLogger("distributed").setLevel(logging.WARNING)
+
+from flows.cli import app  # noqa: E402
 
 __all__ = ["app"]
 

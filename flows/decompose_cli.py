@@ -1,0 +1,104 @@
+"""CLI verb `tvsplit decompose FAMILY`: split a family on a Dask cluster, tracked in MLflow."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from flows.cli import app
+from flows.settings import load_settings
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.command("decompose")
+def decompose_command(
+    family: Annotated[str, typer.Argument(help="Family in the catalogue.")],
+    members: Annotated[
+        list[str] | None, typer.Option("--member", "-m", help="Members to split (default: all).")
+    ] = None,
+    method: str = typer.Option(
+        "mean-projector", help="mean-projector | projector-product | pairwise."
+    ),
+    threshold: float = typer.Option(
+        0.85, help="Eigenvalue threshold τ (mean-projector, projector-product)."
+    ),
+    min_tasks: int | None = typer.Option(
+        None, help="Shared by at least this many members (overrides τ)."
+    ),
+    rank: str = typer.Option(
+        "gavish-donoho", help="gavish-donoho | energy:E | fixed:R | fraction:F."
+    ),
+    max_rank_fraction: float = typer.Option(
+        0.25, help="Cap on each member's rank (share of the short side)."
+    ),
+    side: str = typer.Option("left", help="left | right | auto (auto: the smaller dimension)."),
+    two_sided: bool = typer.Option(False, help="Also project on the right singular space."),
+    one_d: str = typer.Option("unique", help="1-D parameters: unique | rank1."),
+    seed: int = typer.Option(0, help="Seed of the randomized sketches."),
+    scheduler: str | None = typer.Option(
+        None, help="Dask scheduler address (default: a LocalCluster)."
+    ),
+    workers: int = typer.Option(2, help="LocalCluster workers (ignored with --scheduler)."),
+    gpu: bool = typer.Option(False, help="Run jobs on workers offering a GPU resource."),
+    catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
+    track: bool = typer.Option(True, help="Log the run to MLflow."),
+) -> None:
+    """Split every parameter of FAMILY into shared and unique parts (resumable)."""
+    from flows.decompose import DecomposeError, run_decompose
+    from flows.tracking import ui_hint
+    from storage.errors import StorageError
+    from tasks.decompose_job import SplitSettings
+
+    try:
+        settings = SplitSettings(
+            method=method, threshold=threshold, min_tasks=min_tasks, rank=rank,
+            max_rank_fraction=max_rank_fraction, side=side, two_sided=two_sided, one_d=one_d, seed=seed,
+        )  # fmt: skip
+    except ValidationError as error:
+        _fail(
+            "; ".join(
+                f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                for e in error.errors()
+            )
+        )
+    app_settings = load_settings(catalogue=catalogue)
+    try:
+        result = run_decompose(
+            family, members=members, settings=settings, catalogue_url=app_settings.catalogue,
+            scheduler=scheduler, workers=workers, gpu=gpu, track=track,
+        )  # fmt: skip
+    except (DecomposeError, StorageError) as error:
+        _fail(str(error))
+    table = Table(title=f"{family}: run {result.run}")
+    for column in ("parameter", "shape", "ranks", "k", "gap", "chance"):
+        table.add_column(column, justify="left" if column == "parameter" else "right")
+    table.add_column("shared energy per member (%)")
+    for d in result.diagnostics:
+        energy = " ".join(f"{100 * e:3.0f}" for e in d["shared_energy"])
+        k = d["k"] if not isinstance(d["k"], list) else ",".join(map(str, d["k"]))
+        gap = d["gap"] if not isinstance(d["gap"], list) else max(d["gap"])
+        chance = d["chance"] if not isinstance(d["chance"], list) else max(d["chance"])
+        table.add_row(
+            d["name"], "×".join(map(str, d["param_shape"])), ",".join(map(str, d["ranks"])),
+            str(k), f"{gap:.2f}", f"{chance:.2f}", energy,
+        )  # fmt: skip
+    _out.print(table)
+    _out.print(
+        f"{len(result.computed)} parameter(s) split, {len(result.skipped)} already done, "
+        f"{result.bases_computed} member basis(es) computed; members: {', '.join(result.members)}"
+    )
+    for warning in result.warnings:
+        _out.print(f"[yellow]warning:[/] {warning}")
+    if result.mlflow_run_id:
+        _out.print(f"MLflow run {result.mlflow_run_id}: {ui_hint(app_settings)}")
