@@ -98,8 +98,16 @@ def ls_command(catalogue: str | None = CatalogueOption) -> None:
 
 
 @catalogue_app.command("show")
-def show_command(family: str, catalogue: str | None = CatalogueOption) -> None:
-    """Show a family's entries: status, source, commit, parameter count and size."""
+def show_command(
+    family: str,
+    catalogue: str | None = CatalogueOption,
+    param: str | None = typer.Option(
+        None, "--param", help="Show this parameter's eigenvalue spectrum in each run."
+    ),
+    run: str | None = typer.Option(None, "--run", help="Only this decomposition run."),
+) -> None:
+    """Show a family's entries, its decomposition runs with their settings, and with
+    --param one parameter's spectrum against the chance level and the threshold used."""
     from storage.catalogue import Catalogue
     from storage.errors import StorageError
 
@@ -126,8 +134,51 @@ def show_command(family: str, catalogue: str | None = CatalogueOption) -> None:
                 str(attrs.get("completed", "")),
             )
         _out.print(table)
+        _show_runs(cat, family, param, run)
     except StorageError as error:
         _fail(str(error))
+
+
+def _show_runs(cat, family: str, param: str | None, only: str | None) -> None:
+    """Decomposition runs of a family (settings, status) and, for --param, its spectrum."""
+    from storage.decompositions import DecompositionRun, list_runs
+    from tasks.report import spectrum_text
+
+    runs = [(name, attrs) for name, attrs in list_runs(cat, family) if only in (None, name)]
+    if only and not runs:
+        _fail(f"{cat.url}: family {family!r} has no decomposition run {only!r}")
+    if not runs:
+        _out.print("no decomposition runs yet: `tvsplit decompose " + family + "`")
+        return
+    _out.print(f"[bold]decomposition runs of {family}[/]")
+    for name, attrs in runs:
+        settings = attrs.get("settings", {})
+        cut = (
+            f"min_tasks={settings['min_tasks']}"
+            if settings.get("min_tasks")
+            else f"τ={settings.get('threshold')}"
+        )
+        _out.print(
+            f"  {name}  [{attrs.get('status', '')}]  method={settings.get('method', '')} {cut} "
+            f"rank={settings.get('rank', '')} cap={settings.get('max_rank_fraction', '')} "
+            f"two_sided={settings.get('two_sided', False)}  "
+            f"members={','.join(attrs.get('members', []))}  "
+            f"params={len(attrs.get('parameters', []))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if param is None:
+        return
+    for name, _ in runs:
+        stored = DecompositionRun(cat, family, name).read_parameter(param)
+        d = {**stored.diagnostics, "name": param}
+        _out.print(
+            f"[bold]{param}[/] in run {name}: k = {d['k']}, ranks {d['ranks']}, "
+            f"threshold {d['threshold_used']:.3f} (|), chance level {d['chance']} (:), "
+            f"gap {d['gap']}"
+        )
+        for line in spectrum_text(d):
+            _out.print(line, highlight=False)
 
 
 @catalogue_app.command("rm")

@@ -180,3 +180,35 @@ def test_tracked_in_mlflow_with_plots(prefect_harness, catalogue, tmp_path, monk
     assert "shared_energy/blocks.0.mlp.weight/m3" in run.data.metrics
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.mlflow_run_id)}
     assert {"shared_energy_heatmap.png", "eigenvalue_spectra.png", "summary.json"} <= names
+
+
+def test_cli_decompose_then_show_the_spectrum(prefect_harness, catalogue):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    args = ["decompose", "fam", "--catalogue", catalogue.url, "--min-tasks", "2", "--no-track"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "blocks.0.attn.weight" in result.output and "3 parameter(s) split" in result.output
+    ((run, _),) = list_runs(catalogue, "fam")
+    shown = runner.invoke(
+        app,
+        [
+            "catalogue",
+            "show",
+            "fam",
+            "--catalogue",
+            catalogue.url,
+            "--param",
+            "blocks.0.attn.weight",
+        ],
+    )
+    assert shown.exit_code == 0, shown.output
+    assert run in shown.output and "min_tasks=2" in shown.output
+    assert "chance level" in shown.output and "█" in shown.output
+    bad = runner.invoke(
+        app, ["decompose", "fam", "--catalogue", catalogue.url, "--threshold", "1.5"]
+    )
+    assert bad.exit_code == 1 and "--threshold" in bad.output
