@@ -28,8 +28,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.decompose import decompose_layer, member_basis, split_from_bases  # noqa: E402
-from tasks.synthetic import planted_family, recovery  # noqa: E402
+from tasks.decompose import decompose_layer, member_basis, split_from_bases
+from tasks.synthetic import planted_family, recovery
 
 METHODS = ("mean-projector", "projector-product", "pairwise")
 
@@ -72,6 +72,10 @@ def timed(fn, *args, repeat: int = 1, **kwargs):
     return best, result
 
 
+def bases_of(deltas: torch.Tensor, solver: str) -> list:
+    return [member_basis(d, solver=solver) for d in deltas]
+
+
 def one_layer_table(sizes, member_counts, full_members_cap: dict, console: Console) -> None:
     table = Table(title="One layer: time ÷ one full SVD of one member (lower is better)")
     for column in ("m × n", "T", "full SVD", "bases: sketch", "bases: full", "sketch speed-up"):
@@ -85,13 +89,15 @@ def one_layer_table(sizes, member_counts, full_members_cap: dict, console: Conso
             deltas = family.deltas
             yardstick, _ = timed(torch.linalg.svd, deltas[0], full_matrices=False)
             with PeakRSS() as rss:
-                sketch_time, bases = timed(lambda: [member_basis(d, solver="randomized") for d in deltas])
+                sketch_time, bases = timed(bases_of, deltas, "randomized")
                 split_times = {}
                 for method in METHODS:
-                    split_times[method], split = timed(split_from_bases, deltas, bases, method=method)
+                    split_times[method], split = timed(
+                        split_from_bases, deltas, bases, method=method
+                    )
                     _ = split.shared  # derive the parts: what a caller pays to use them
             full_n = min(members, full_members_cap.get((m, n), members))
-            full_time, _ = timed(lambda: [member_basis(d, solver="full") for d in deltas[:full_n]])
+            full_time, _ = timed(bases_of, deltas[:full_n], "full")
             full_time *= members / full_n
             full_label = f"{full_time / yardstick:.2f}" + ("" if full_n == members else " (ext.)")
             table.add_row(

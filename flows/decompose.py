@@ -10,6 +10,7 @@ without losing the others, and the run stays unfinished until it succeeds.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -223,6 +224,9 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
     worker offers a ``GPU`` resource (a job asking for one would wait forever)."""
     from distributed import Client, LocalCluster
     from prefect_dask import DaskTaskRunner
+
+    # distributed sets its logger to INFO on import: cluster start/stop chatter, not news.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
     cluster = None
     if scheduler is None:
