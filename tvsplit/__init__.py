@@ -35,3 +35,37 @@ __all__ = [
     "split_from_bases",
     "task_vector",
 ]
+
+# Edits of one parameter (tasks/edit.py), edit recipes (flows/recipe.py), output model
+# folders (storage/model_folder.py) and LoRA export (tasks/lora_export.py).
+from flows.recipe import Recipe, RecipeError, check_members, load_recipe
+from storage.model_folder import ModelFolderWriter, write_model_folder
+from tasks.edit import (
+    EditError,
+    EditInputs,
+    apply_edit,
+    available_methods,
+    get_method,
+    register,
+    ties_delta,
+)
+from tasks.lora_export import LoraExportError, lora_from_delta, write_lora_adapter
+
+__all__ += [
+    "EditError",
+    "EditInputs",
+    "LoraExportError",
+    "ModelFolderWriter",
+    "Recipe",
+    "RecipeError",
+    "apply_edit",
+    "available_methods",
+    "check_members",
+    "get_method",
+    "load_recipe",
+    "lora_from_delta",
+    "register",
+    "ties_delta",
+    "write_lora_adapter",
+    "write_model_folder",
+]

@@ -1,0 +1,172 @@
+"""Export dense weight changes ΔW as a PEFT LoRA adapter, by truncated SVD.
+
+For a module with ``nn.Linear`` layout (weight ``out × in``) the pair is
+``lora_A`` (r × in) and ``lora_B`` (out × r) with B A ≈ ΔW, and ``lora_alpha = r`` so PEFT's
+scale alpha / r is 1. For transformers' ``Conv1D`` (GPT-2: weight stored ``in × out``) pass
+``fan_in_fan_out=True``: ΔW is given as stored, the pair keeps PEFT's shapes
+(A: r × in, B: out × r) and B A ≈ ΔWᵀ, as PEFT applies it.
+
+Guarantees (tested): B A is the best rank-r approximation of ΔW in Frobenius norm
+(Eckart–Young; singular values split evenly, A = √Σ Vᵀ, B = U √Σ), and
+``relative_error`` = ‖ΔW − B A‖_F / ‖ΔW‖_F (0 for a zero ΔW). The adapter written by
+``write_lora_adapter`` loads with ``peft.PeftModel.from_pretrained`` onto the base and
+reproduces base + ΔW up to that error. Supported modules: linear layers and Conv1D (2-D
+weights); embeddings and 1-D parameters are refused with an error naming the module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from storage.model_folder import atomic_folder
+
+__all__ = [
+    "LoraExportError",
+    "LoraExportReport",
+    "LoraPair",
+    "lora_from_delta",
+    "write_lora_adapter",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class LoraExportError(ValueError):
+    """A ΔW that cannot be exported as LoRA; the message names the module."""
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One module's LoRA factors (PEFT shapes) and the truncation's relative error."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    rank: int
+    relative_error: float
+
+    def delta(self, *, fan_in_fan_out: bool = False) -> torch.Tensor:
+        """B A in the stored layout of the module's weight (transposed for Conv1D)."""
+        product = self.lora_B @ self.lora_A
+        return product.T if fan_in_fan_out else product
+
+
+def lora_from_delta(
+    delta: torch.Tensor,
+    rank: int,
+    *,
+    fan_in_fan_out: bool = False,
+    module: str = "module",
+    dtype: torch.dtype | None = None,
+) -> LoraPair:
+    """Truncated SVD of one module's ΔW at ``rank`` (clamped to min(out, in)).
+
+    Computed in float32 (float64 stays float64); the factors are cast to ``dtype``
+    (default: ΔW's dtype). Raises LoraExportError naming ``module`` for a ΔW that is not
+    2-D, not floating point, or not finite, or a rank < 1.
+    """
+    if delta.ndim != 2:
+        raise LoraExportError(
+            f"{module}: LoRA needs a 2-D weight, got shape {tuple(delta.shape)} "
+            "(1-D and convolution kernels are not exported)"
+        )
+    if not delta.is_floating_point():
+        raise LoraExportError(f"{module}: dtype {delta.dtype} is not floating point")
+    if rank < 1:
+        raise LoraExportError(f"{module}: rank must be ≥ 1, got {rank}")
+    work = delta.to(torch.float64 if delta.dtype == torch.float64 else torch.float32)
+    if not torch.isfinite(work).all():
+        raise LoraExportError(f"{module}: ΔW contains NaN or Inf")
+    matrix = work.T if fan_in_fan_out else work  # (out, in), as PEFT's B @ A
+    r = min(rank, *matrix.shape)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    root = s[:r].sqrt()
+    lora_b = u[:, :r] * root
+    lora_a = root[:, None] * vh[:r]
+    total = float(s.double().square().sum())
+    dropped = float(s[r:].double().square().sum())
+    error = math.sqrt(dropped / total) if total > 0 else 0.0
+    out_dtype = dtype or delta.dtype
+    return LoraPair(
+        lora_A=lora_a.to(out_dtype).contiguous(),
+        lora_B=lora_b.to(out_dtype).contiguous(),
+        rank=r,
+        relative_error=error,
+    )
+
+
+@dataclass(frozen=True)
+class LoraExportReport:
+    """What was written: the folder, the rank, and each module's rank and relative error."""
+
+    path: Path
+    rank: int
+    ranks: dict[str, int] = field(default_factory=dict)
+    relative_errors: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_relative_error(self) -> float:
+        return max(self.relative_errors.values(), default=0.0)
+
+
+def write_lora_adapter(
+    target: str | Path,
+    deltas: Iterable[tuple[str, torch.Tensor]],
+    *,
+    rank: int,
+    fan_in_fan_out: bool = False,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> LoraExportReport:
+    """Write a PEFT LoRA adapter folder from ``(module name, ΔW)`` pairs, consumed one at a
+    time (only the factors are kept).
+
+    Module names are the base model's module paths (``transformer.h.0.attn.c_attn``), used
+    as ``target_modules``; weights are saved under PEFT's keys
+    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``. A module whose smaller
+    dimension is below ``rank`` gets that rank through ``rank_pattern``/``alpha_pattern``
+    (scale stays 1). The folder appears at ``target`` only when complete.
+    """
+    from peft import LoraConfig  # heavy import, only when writing
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    for module, delta in deltas:
+        if module in ranks:
+            raise LoraExportError(f"{module}: ΔW given twice")
+        pair = lora_from_delta(
+            delta, rank, fan_in_fan_out=fan_in_fan_out, module=module, dtype=dtype
+        )
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = pair.lora_A
+        tensors[f"{prefix}.lora_B.weight"] = pair.lora_B
+        ranks[module] = pair.rank
+        errors[module] = pair.relative_error
+    if not ranks:
+        raise LoraExportError(f"{target}: no modules to export")
+    pattern = {module: r for module, r in ranks.items() if r != rank}
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(ranks),
+        fan_in_fan_out=fan_in_fan_out,
+        lora_dropout=0.0,
+        bias="none",
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+    )
+    with atomic_folder(target, overwrite=overwrite) as folder:
+        config.save_pretrained(str(folder))
+        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return LoraExportReport(
+        path=Path(target).absolute(), rank=rank, ranks=ranks, relative_errors=errors
+    )

@@ -1,0 +1,156 @@
+"""Model folders (storage/model_folder.py): shards, index, side files, atomic rename."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from storage.model_folder import (
+    INDEX_FILE,
+    ModelFolderError,
+    ModelFolderWriter,
+    atomic_folder,
+    write_model_folder,
+)
+
+
+def tiny_gpt2_folder(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny GPT-2 saved by transformers (config + weights), and its state dict without the
+    tied lm_head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return path, state
+
+
+def test_gpt2_folder_written_in_shards_loads_with_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base_dir, state = tiny_gpt2_folder(tmp_path / "base")
+    (base_dir / "tokenizer_config.json").write_text('{"model_max_length": 32}')
+    g = torch.Generator().manual_seed(1)
+    edited = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    limit = 40_000  # bytes: forces several shards (the model is ~0.1 MB)
+    target = tmp_path / "out" / "edited"
+    summary = write_model_folder(
+        target,
+        iter(edited.items()),
+        max_shard_bytes=limit,
+        copy_from=base_dir,
+        model_card="# edited\n\nrecipe: test\n",
+    )
+    files = sorted(p.name for p in target.iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) >= 2 and shards == list(summary.files)
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert {"config.json", "tokenizer_config.json", "README.md", INDEX_FILE} <= set(files)
+    assert "model.safetensors" not in files  # the base's weights are not copied
+    assert (target / "README.md").read_text() == "# edited\n\nrecipe: test\n"
+    assert not list(target.parent.glob(".edited.*"))  # no temporary folder left
+
+    index = json.loads((target / INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == set(edited)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in edited.values())
+    for shard in shards:
+        with safe_open(target / shard, framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}
+            names = list(handle.keys())
+            nbytes = sum(handle.get_tensor(n).nbytes for n in names)
+            assert nbytes <= limit or len(names) == 1
+            for name in names:
+                assert index["weight_map"][name] == shard
+                assert torch.equal(handle.get_tensor(name), edited[name])
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    loaded = model.state_dict()
+    for name, tensor in edited.items():
+        assert torch.equal(loaded[name], tensor), name
+    assert torch.equal(loaded["lm_head.weight"], edited["transformer.wte.weight"])  # tied
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, 64) and torch.isfinite(logits).all()
+
+
+def test_one_shard_is_a_single_model_safetensors_without_index(tmp_path: Path) -> None:
+    tensors = {"a": torch.ones(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    summary = write_model_folder(tmp_path / "m", tensors)
+    assert summary.files == ("model.safetensors",)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.safetensors"]
+    with safe_open(tmp_path / "m" / "model.safetensors", framework="pt") as handle:
+        assert handle.get_tensor("b").dtype == torch.bfloat16
+
+
+def test_a_tensor_larger_than_the_limit_gets_its_own_shard(tmp_path: Path) -> None:
+    tensors = {"small1": torch.ones(2), "big": torch.ones(100), "small2": torch.ones(2)}
+    summary = write_model_folder(tmp_path / "m", tensors, max_shard_bytes=64)
+    assert summary.weight_map == {
+        "small1": "model-00001-of-00003.safetensors",
+        "big": "model-00002-of-00003.safetensors",
+        "small2": "model-00003-of-00003.safetensors",
+    }
+
+
+def test_views_and_shared_storage_are_written(tmp_path: Path) -> None:
+    whole = torch.arange(12.0)
+    tensors = {"first": whole[:6], "second": whole[6:].view(2, 3), "alias": whole}
+    write_model_folder(tmp_path / "m", tensors)
+    with safe_open(tmp_path / "m" / "model.safetensors", framework="pt") as handle:
+        assert torch.equal(handle.get_tensor("second"), torch.arange(6.0, 12.0).view(2, 3))
+        assert torch.equal(handle.get_tensor("alias"), whole)
+
+
+def test_interrupted_write_leaves_no_folder_at_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    writer = ModelFolderWriter(target, max_shard_bytes=16)
+    with pytest.raises(RuntimeError, match="killed"), writer:
+        for i in range(10):
+            writer.add(f"t{i}", torch.ones(4))
+            if i == 6:  # several shards are already on disk
+                assert len(list(tmp_path.glob(".out.tmp-*/*.partial"))) >= 3
+                raise RuntimeError("killed")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_target_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    write_model_folder(target, {"a": torch.ones(1)})
+    with pytest.raises(ModelFolderError, match="already exists"):
+        write_model_folder(target, {"a": torch.zeros(1)})
+    writer = ModelFolderWriter(target, overwrite=True)
+    with pytest.raises(RuntimeError, match="stop"), writer:
+        writer.add("a", torch.zeros(1))
+        raise RuntimeError("stop")
+    with safe_open(target / "model.safetensors", framework="pt") as handle:
+        assert handle.get_tensor("a").item() == 1.0  # the old folder survived the failure
+    write_model_folder(target, {"a": torch.zeros(1)}, overwrite=True)
+    with safe_open(target / "model.safetensors", framework="pt") as handle:
+        assert handle.get_tensor("a").item() == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_writer_errors_name_the_tensor(tmp_path: Path) -> None:
+    writer = ModelFolderWriter(tmp_path / "m")
+    with pytest.raises(ModelFolderError, match="'a' was added twice"), writer:
+        writer.add("a", torch.ones(1))
+        writer.add("a", torch.ones(1))
+    with pytest.raises(ModelFolderError, match="no tensors"):
+        write_model_folder(tmp_path / "m", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_folder_renames_only_on_success(tmp_path: Path) -> None:
+    with atomic_folder(tmp_path / "done") as folder:
+        (folder / "x.txt").write_text("x")
+        assert not (tmp_path / "done").exists()
+    assert (tmp_path / "done" / "x.txt").read_text() == "x"
