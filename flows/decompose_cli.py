@@ -102,3 +102,49 @@ def decompose_command(
         _out.print(f"[yellow]warning:[/] {warning}")
     if result.mlflow_run_id:
         _out.print(f"MLflow run {result.mlflow_run_id}: {ui_hint(app_settings)}")
+
+
+@app.command("edit")
+def edit_command(
+    recipe: Annotated[
+        str, typer.Argument(help="Edit recipe YAML (base, family, method, members, ...).")
+    ],
+    out: str | None = typer.Option(
+        None, "--out", help="Output model folder (default: the recipe's)."
+    ),
+    lora_rank: int | None = typer.Option(
+        None, help="Also export the edit as a LoRA adapter of this rank."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
+    track: bool = typer.Option(True, help="Log the recipe and lineage to MLflow."),
+) -> None:
+    """Build an edited model from RECIPE, tensor by tensor, into a loadable folder."""
+    from flows.edit import edit_model
+    from flows.recipe import RecipeError
+    from flows.tracking import ui_hint
+    from storage.errors import StorageError
+    from tasks.edit import EditError
+    from tasks.edit_job import EditPlanError
+
+    try:
+        result = edit_model(
+            recipe,
+            output=out,
+            catalogue_url=catalogue,
+            lora_rank=lora_rank,
+            overwrite=overwrite,
+            track=track,
+        )
+    except (RecipeError, EditPlanError, EditError, StorageError) as error:
+        _fail(str(error))
+    _out.print(
+        f"wrote {result.output} ({len(result.files)} file(s)): {len(result.edited)} parameter(s) edited, "
+        f"{len(result.copied)} tensor(s) copied"
+    )
+    if result.lora is not None:
+        _out.print(f"LoRA adapter: {result.lora} (max relative error {result.lora_max_error:.2e})")
+    if result.mlflow_run_id:
+        _out.print(
+            f"MLflow run {result.mlflow_run_id}: {ui_hint(load_settings(catalogue=catalogue))}"
+        )

@@ -96,6 +96,12 @@ class Recipe(BaseModel):
     members: list[RecipeMember] = Field(..., min_length=1)
     params: dict[str, Any] = Field(default_factory=dict, description="The method's parameters.")
     output: str | None = Field(None, min_length=1, description="Output model folder.")
+    excluded_from: str = Field(
+        "base",
+        min_length=1,
+        description="Where parameters outside the family (per-member heads) come from: "
+        "'base', or the name of a member whose own weights supply them.",
+    )
 
     _method_params: BaseModel = PrivateAttr()
     _member_params: list[MemberParams] = PrivateAttr()

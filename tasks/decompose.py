@@ -606,3 +606,28 @@ def split_from_arrays(
         threshold_used=float(diagnostics["threshold_used"]),
         oriented=oriented,
     )
+
+
+def shared_from_arrays(
+    arrays: dict[str, torch.Tensor], diagnostics: dict, index: int, like: torch.Tensor
+) -> torch.Tensor:
+    """Member ``index``'s shared part from a stored compact split, shaped and typed like
+    ``like`` (its delta): S C_i, or S C_i Rᵀ two-sided, oriented back. The unique part is
+    ``like - shared``."""
+    side = str(diagnostics["side"])
+    dtype = _compute_dtype(like.dtype)
+
+    def get(key: str) -> torch.Tensor:
+        return arrays[key].to(device=like.device, dtype=dtype)
+
+    if "basis" in arrays:
+        basis, coefficient = get("basis"), get("coefficients")[index]
+        right = get("right_basis") if "right_basis" in arrays else None
+    else:
+        basis, coefficient = get(f"basis.{index}"), get(f"coefficients.{index}")
+        key = f"right_basis.{index}"
+        right = get(key) if key in arrays else None
+    shared = basis @ coefficient
+    if right is not None:
+        shared = shared @ right.mT
+    return _restore(shared[None], like.shape, side, like.dtype)[0]

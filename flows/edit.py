@@ -1,0 +1,213 @@
+"""The edit flow: a recipe (YAML) → an edited model folder, streamed tensor by tensor.
+
+Load and check the recipe against the catalogue → open the base (and, for excluded
+parameters, a member's own weights) → stream every tensor through the recipe into a sharded
+safetensors folder with the base's config, tokenizer files and a model card → optionally
+export the edit as a PEFT LoRA adapter → record recipe and lineage in MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, task
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from flows.recipe import Recipe, load_recipe
+from flows.settings import load_settings
+from flows.tracking import use_experiment
+from storage.catalogue import Catalogue
+from storage.model_folder import ModelFolderWriter
+from storage.sources import open_source
+from tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
+from tasks.lora_export import write_lora_adapter
+
+
+@dataclass
+class EditResult:
+    """What the edit flow wrote."""
+
+    output: Path
+    edited: list[str] = field(default_factory=list)
+    copied: dict[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    lora: Path | None = None
+    lora_max_error: float | None = None
+    mlflow_run_id: str | None = None
+
+
+def model_card(recipe: Recipe, sources: dict[str, Any], catalogue: str) -> str:
+    """README.md for the output: the recipe, the sources with commits, the decomposition run."""
+    recipe_yaml = yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [tvsplit, model-editing, task-arithmetic]",
+        "---",
+        f"# {recipe.family}: {recipe.method}",
+        "",
+        f"Made by tvsplit with method `{recipe.method}` on family `{recipe.family}` "
+        f"(catalogue `{catalogue}`)"
+        + (f", decomposition run `{recipe.decomposition}`." if recipe.decomposition else "."),
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_yaml.rstrip(),
+        "```",
+        "",
+        "## Sources",
+        "",
+        "| role | source | commit |",
+        "| --- | --- | --- |",
+    ]
+    for role, info in sources.items():
+        lines.append(f"| {role} | {info.get('source') or ''} | {info.get('commit') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def _progress(show: bool) -> Progress:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    return Progress(*columns, disable=not show)
+
+
+@task(name="write-edited-model")
+def write_edited_model(
+    recipe: Recipe, catalogue_url: str, output: Path, lora_rank: int | None, show_progress: bool
+) -> EditResult:
+    """Stream the edited model into ``output`` (atomic: it appears only when complete)."""
+    catalogue = Catalogue(catalogue_url)
+    edit = recipe.edit_method
+    plan = plan_edit(
+        catalogue, recipe.family, recipe.method, recipe.member_names, recipe.method_params,
+        recipe.member_params, recipe.decomposition, edit.needs_split,
+    )  # fmt: skip
+    base = open_source(recipe.base)
+    if base.checkpoint is None:
+        raise EditPlanError(f"base: {recipe.base!r} is not a full model (a {base.kind})")
+    fallback = None
+    if recipe.excluded_from != "base":
+        fallback = open_source(
+            member_source(catalogue, recipe.family, recipe.excluded_from)
+        ).checkpoint
+    result = EditResult(output=output)
+    sources = lineage(catalogue, plan)
+    card = model_card(recipe, sources, catalogue_url)
+    lora_deltas: list[tuple[str, Any]] = []
+    with (
+        _progress(show_progress) as progress,
+        ModelFolderWriter(
+            output, copy_from=base.location if base.location.is_dir() else None, model_card=card
+        ) as writer,
+    ):
+        job = progress.add_task(f"editing {recipe.family}", total=len(base.checkpoint))
+        for name, tensor, how in edited_tensors(plan, base.checkpoint, fallback):
+            writer.add(name, tensor)
+            if how == "edited":
+                result.edited.append(name)
+                if (
+                    lora_rank
+                    and tensor.ndim == 2
+                    and name.endswith(".weight")
+                    and "wte" not in name
+                    and "wpe" not in name
+                    and "embed" not in name
+                ):
+                    lora_deltas.append(
+                        (
+                            name.removesuffix(".weight"),
+                            tensor.float() - base.checkpoint[name].float(),
+                        )
+                    )
+            else:
+                result.copied[name] = how
+            progress.advance(job)
+    assert writer.summary is not None
+    result.files = writer.summary.files
+    if lora_rank and lora_deltas:
+        lora_dir = output.with_name(output.name + "-lora")
+        report = write_lora_adapter(
+            lora_dir, iter(lora_deltas), rank=lora_rank, fan_in_fan_out=_is_conv1d(base.location),
+            base_model_name_or_path=recipe.base, overwrite=True,
+        )  # fmt: skip
+        result.lora, result.lora_max_error = lora_dir, report.max_relative_error
+    return result
+
+
+def _is_conv1d(folder: Path) -> bool:
+    """GPT-2-style models store weights in × out (transformers' Conv1D): LoRA needs fan_in_fan_out."""
+    config = folder / "config.json" if folder.is_dir() else None
+    if config is None or not config.is_file():
+        return False
+    import json
+
+    return json.loads(config.read_text()).get("model_type") in {"gpt2", "gpt_neo", "codegen"}
+
+
+@flow(name="tvsplit-edit", log_prints=True)
+def edit_model(
+    recipe_path: str,
+    output: str | None = None,
+    catalogue_url: str | None = None,
+    lora_rank: int | None = None,
+    overwrite: bool = False,
+    track: bool = True,
+    show_progress: bool = True,
+) -> EditResult:
+    """Apply the recipe at ``recipe_path`` and write the edited model folder."""
+    recipe = load_recipe(recipe_path)
+    settings = load_settings(catalogue=catalogue_url)
+    target = Path(output or recipe.output or f"tvsplit-data/models/{recipe.family}-{recipe.method}")
+    if target.exists() and not overwrite:
+        raise EditPlanError(f"output: {target} exists; pass --overwrite or choose another --out")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    result = write_edited_model(recipe, settings.catalogue, target, lora_rank, show_progress)
+    if track:
+        import mlflow
+
+        use_experiment("tvsplit-edit", settings)
+        with mlflow.start_run(run_name=f"{recipe.family}/{recipe.method}") as active:
+            mlflow.log_params(
+                {
+                    "method": recipe.method,
+                    "family": recipe.family,
+                    "decomposition": recipe.decomposition or "",
+                    "members": ",".join(recipe.member_names),
+                    "base": recipe.base,
+                    "output": str(target.resolve()),
+                    **{f"params.{k}": v for k, v in recipe.params.items()},
+                }
+            )
+            mlflow.log_dict(recipe.model_dump(exclude_none=True), "recipe.json")
+            catalogue = Catalogue(settings.catalogue)
+            plan = plan_edit(
+                catalogue, recipe.family, recipe.method, recipe.member_names, recipe.method_params,
+                recipe.member_params, recipe.decomposition, recipe.edit_method.needs_split,
+            )  # fmt: skip
+            mlflow.log_dict(
+                {
+                    "sources": lineage(catalogue, plan),
+                    "catalogue": settings.catalogue,
+                    "output": str(target.resolve()),
+                },
+                "lineage.json",
+            )
+            mlflow.log_metrics(
+                {"edited_parameters": len(result.edited), "copied_tensors": len(result.copied)}
+            )
+            if result.lora_max_error is not None:
+                mlflow.log_metric("lora_max_relative_error", result.lora_max_error)
+            mlflow.log_artifact(str(target / "README.md"))
+            result.mlflow_run_id = active.info.run_id
+    return result

@@ -1,0 +1,162 @@
+"""The edit job: stream an edited model, one tensor at a time, from the base source, the
+catalogue's task vectors and (for methods that need it) a decomposition run.
+
+For every tensor of the base checkpoint, in its order:
+
+- a parameter of the family: the recipe's method applied to (base, τ_i, s_i, u_i) of the
+  recipe's members, in the base's dtype;
+- any other tensor (a parameter the family excluded, such as per-member heads): copied from
+  the base, or from the member the recipe names in ``excluded_from``.
+
+At most one parameter's base, vectors and parts are held at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from storage.catalogue import Catalogue
+from storage.decompositions import DecompositionRun
+from storage.errors import CatalogueError
+from tasks.decompose import shared_from_arrays
+from tasks.edit import EditInputs, apply_edit
+
+
+class EditPlanError(ValueError):
+    """A recipe that does not fit the catalogue or the base; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """Everything an edit needs, checked against the catalogue before any tensor is read."""
+
+    catalogue_url: str
+    family: str
+    method: str
+    members: tuple[str, ...]
+    method_params: BaseModel
+    member_params: tuple[BaseModel, ...]
+    run: str | None
+    run_members: tuple[str, ...]
+    family_parameters: frozenset[str]
+
+
+def plan_edit(
+    catalogue: Catalogue,
+    family: str,
+    method: str,
+    members: Sequence[str],
+    method_params: BaseModel,
+    member_params: Sequence[BaseModel],
+    run: str | None,
+    needs_split: bool,
+) -> EditPlan:
+    """Check the family, members and run; raise EditPlanError naming what is missing."""
+    if family not in catalogue.families():
+        raise EditPlanError(f"family: no family {family!r} in catalogue {catalogue.url}")
+    available = catalogue.members(family)
+    for i, member in enumerate(members):
+        if member not in available:
+            raise EditPlanError(
+                f"members[{i}].name: family {family!r} has no member {member!r} "
+                f"(members: {', '.join(available)})"
+            )
+    run_members: tuple[str, ...] = ()
+    if run is not None:
+        store = DecompositionRun(catalogue, family, run)
+        try:
+            attrs = store.attrs()
+        except CatalogueError:
+            raise EditPlanError(f"decomposition: family {family!r} has no run {run!r}") from None
+        if attrs.get("status") != "complete":
+            raise EditPlanError(
+                f"decomposition: run {run!r} is not complete; rerun `tvsplit decompose`"
+            )
+        run_members = tuple(attrs.get("members", []))
+        outside = [m for m in members if m not in run_members]
+        if outside:
+            raise EditPlanError(
+                f"decomposition: run {run!r} split {', '.join(run_members)}, not {outside[0]!r}"
+            )
+    elif needs_split:
+        raise EditPlanError(f"decomposition: method {method!r} needs a decomposition run")
+    return EditPlan(
+        catalogue_url=catalogue.url,
+        family=family,
+        method=method,
+        members=tuple(members),
+        method_params=method_params,
+        member_params=tuple(member_params),
+        run=run,
+        run_members=run_members,
+        family_parameters=frozenset(catalogue.parameters(family)),
+    )
+
+
+def edit_inputs(plan: EditPlan, catalogue: Catalogue, name: str, base: torch.Tensor) -> EditInputs:
+    """One parameter's inputs: τ_i from the catalogue, and s_i, u_i from the run if any."""
+    vectors = [catalogue.read(plan.family, name, member=m) for m in plan.members]
+    for member, vector in zip(plan.members, vectors, strict=True):
+        if vector.shape != base.shape:
+            raise EditPlanError(
+                f"{name!r}: member {member!r} has shape {tuple(vector.shape)} in the catalogue "
+                f"but the base has {tuple(base.shape)}; is `base` the family's base?"
+            )
+    if plan.run is None:
+        return EditInputs(base=base, vectors=tuple(vectors), name=name)
+    stored = DecompositionRun(catalogue, plan.family, plan.run).read_parameter(name)
+    shared = tuple(
+        shared_from_arrays(stored.arrays, stored.diagnostics, plan.run_members.index(m), v)
+        for m, v in zip(plan.members, vectors, strict=True)
+    )
+    return EditInputs(base=base, vectors=tuple(vectors), shared=shared, name=name)
+
+
+def edited_tensors(
+    plan: EditPlan,
+    base: Mapping[str, torch.Tensor],
+    fallback: Mapping[str, torch.Tensor] | None = None,
+) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield ``(name, tensor, how)`` for every tensor of ``base``: ``how`` is ``"edited"``
+    for family parameters, else ``"base"`` or ``"member"`` (taken from ``fallback``)."""
+    catalogue = Catalogue(plan.catalogue_url)
+    for name in base:
+        tensor = base[name]
+        if name in plan.family_parameters and tensor.is_floating_point():
+            inputs = edit_inputs(plan, catalogue, name, tensor)
+            edited = apply_edit(plan.method, inputs, plan.method_params, list(plan.member_params))
+            yield name, edited, "edited"
+        elif fallback is not None and name in fallback:
+            yield name, fallback[name].to(tensor.dtype), "member"
+        else:
+            yield name, tensor, "base"
+
+
+def _entry_source(info) -> dict[str, Any]:
+    fingerprint = dict(info.attrs.get("fingerprint", {})) if info else {}
+    return {
+        "source": fingerprint.get("source") or (info.attrs.get("source") if info else None),
+        "commit": fingerprint.get("commit"),
+        "files": fingerprint.get("files"),
+    }
+
+
+def member_source(catalogue: Catalogue, family: str, member: str) -> str:
+    """The source string a member was ingested from (to read its own, non-family weights)."""
+    info = catalogue.entry(family, member)
+    source = _entry_source(info)["source"] if info is not None and info.complete else None
+    if not source:
+        raise EditPlanError(f"excluded_from: family {family!r} has no complete member {member!r}")
+    return str(source)
+
+
+def lineage(catalogue: Catalogue, plan: EditPlan) -> dict[str, Any]:
+    """Source, commit and checksums of the base and every member the edit used."""
+    result = {"base": _entry_source(catalogue.entry(plan.family))}
+    result |= {m: _entry_source(catalogue.entry(plan.family, m)) for m in plan.members}
+    return result

@@ -1,0 +1,199 @@
+"""The edit flow end to end on a tiny GPT-2: ingest → decompose → edit → load back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from flows.decompose import run_decompose
+from flows.edit import edit_model
+from flows.ingest import ingest
+from flows.recipe import RecipeError
+from storage.catalogue import Catalogue
+from tasks.decompose import decompose_layer
+from tasks.edit_job import EditPlanError
+
+WPE = "transformer.wpe.weight"
+
+
+@pytest.fixture(scope="module")
+def pipeline(repos, tmp_path_factory, prefect_harness):
+    """A catalogue with family 'tiny' (base + ft1, ft2, ft3; wpe excluded) and one run."""
+    root = tmp_path_factory.mktemp("edit-flow")
+    members = {
+        f"ft{i}": _structured_finetune(repos.base, root / f"ft{i}", seed=i) for i in (1, 2, 3)
+    }
+    spec = {
+        "families": {
+            "tiny": {
+                "base": str(repos.base),
+                "exclude": [WPE],
+                "members": {name: str(path) for name, path in members.items()},
+            }
+        }
+    }
+    spec_path = root / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    url = str(root / "catalogue.zarr")
+    ingest(spec_path, url, progress=False)
+    from tasks.decompose_job import SplitSettings
+
+    result = run_decompose(
+        "tiny",
+        settings=SplitSettings(min_tasks=2),
+        catalogue_url=url,
+        track=False,
+        show_progress=False,
+    )
+    return {"url": url, "run": result.run, "root": root, "repos": repos, **members}
+
+
+def _structured_finetune(base, folder, seed: int):
+    """A fake fine-tune whose 2-D updates share two directions with every other member's
+    (seeded by the parameter) and add two of their own: a family with something to share."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(base, folder)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    own = torch.Generator().manual_seed(seed)
+    for index, (name, tensor) in enumerate(sorted(tensors.items())):
+        if tensor.ndim != 2:
+            tensors[name] = tensor + 0.01 * torch.randn(tensor.shape, generator=own)
+            continue
+        common = torch.Generator().manual_seed(1000 + index)
+        rows, cols = tensor.shape
+        shared = torch.randn(rows, 2, generator=common) @ torch.randn(2, cols, generator=own)
+        mine = torch.randn(rows, 2, generator=own) @ torch.randn(2, cols, generator=own)
+        tensors[name] = (
+            tensor + 0.01 * (shared + mine) + 1e-4 * torch.randn(rows, cols, generator=own)
+        )
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+def _recipe(pipeline, tmp_path, **fields) -> str:
+    recipe = {"base": str(pipeline["repos"].base), "family": "tiny", **fields}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out |= load_file(file)
+    return out
+
+
+def _edit(pipeline, tmp_path, **fields):
+    out = tmp_path / "out"
+    return edit_model(
+        _recipe(pipeline, tmp_path, **fields), output=str(out), catalogue_url=pipeline["url"],
+        track=False, show_progress=False,
+    )  # fmt: skip
+
+
+def test_task_arithmetic_of_one_member_gives_its_weights(pipeline, tmp_path):
+    result = _edit(
+        pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1", "weight": 1.0}]
+    )
+    out, ft1, base = (
+        _weights(result.output),
+        _weights(pipeline["ft1"]),
+        _weights(pipeline["repos"].base),
+    )
+    assert set(out) == set(base)
+    for name, tensor in out.items():
+        expected = base[name] if name == WPE else ft1[name]  # wpe is outside the family
+        assert torch.allclose(tensor, expected, atol=1e-6), name
+    assert result.copied == {WPE: "base"}
+    assert (result.output / "config.json").is_file() and "task_arithmetic" in (
+        result.output / "README.md"
+    ).read_text()
+
+
+def test_output_loads_with_transformers(pipeline, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = _edit(
+        pipeline, tmp_path, method="unique_negation", decomposition=pipeline["run"],
+        members=[{"name": "ft2"}], params={"scale": 1.0},
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(result.output)
+    logits = model(torch.arange(8)[None]).logits
+    assert logits.shape == (1, 8, 64) and bool(torch.isfinite(logits).all())
+
+
+def test_unique_negation_equals_direct_calls(pipeline, tmp_path):
+    result = _edit(
+        pipeline, tmp_path, method="unique_negation", decomposition=pipeline["run"],
+        members=[{"name": "ft2"}], params={"scale": 0.7},
+    )  # fmt: skip
+    out, base = _weights(result.output), _weights(pipeline["repos"].base)
+    catalogue = Catalogue(pipeline["url"])
+    name = "transformer.h.1.mlp.c_fc.weight"
+    deltas = torch.stack([catalogue.read("tiny", name, member=m) for m in ("ft1", "ft2", "ft3")])
+    split = decompose_layer(deltas, min_tasks=2)
+    expected = base[name] - 0.7 * split.unique[1]
+    assert torch.allclose(out[name], expected, atol=1e-6)
+    assert not torch.allclose(
+        out[name], base[name] - 0.7 * deltas[1], atol=1e-4
+    )  # not plain negation
+
+
+def test_excluded_parameters_come_from_the_named_member(pipeline, tmp_path):
+    result = _edit(
+        pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1"}], excluded_from="ft3",
+    )  # fmt: skip
+    assert result.copied == {WPE: "member"}
+    assert torch.equal(_weights(result.output)[WPE], _weights(pipeline["ft3"])[WPE])
+
+
+def test_lora_export_reproduces_the_edit(pipeline, tmp_path):
+    result = edit_model(
+        _recipe(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1", "weight": 0.5}]),
+        output=str(tmp_path / "out"), catalogue_url=pipeline["url"], lora_rank=32, track=False,
+        show_progress=False,
+    )  # fmt: skip
+    assert result.lora is not None and (result.lora / "adapter_config.json").is_file()
+    assert result.lora_max_error < 1e-5  # rank 32 ≥ every module's smaller side: exact
+
+
+def test_recipe_errors_name_the_field(pipeline, tmp_path):
+    with pytest.raises(
+        EditPlanError, match=r"members\[0\]\.name: family 'tiny' has no member 'nope'"
+    ):
+        _edit(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "nope"}])
+    with pytest.raises(RecipeError, match=r"members\[0\]\.weight"):
+        _edit(
+            pipeline,
+            tmp_path,
+            method="task_arithmetic",
+            members=[{"name": "ft1", "weight": "heavy"}],
+        )
+    with pytest.raises(RecipeError, match="method"):
+        _edit(pipeline, tmp_path, method="tiez", members=[{"name": "ft1"}])
+    with pytest.raises(EditPlanError, match="decomposition: family 'tiny' has no run 'r0'"):
+        _edit(
+            pipeline, tmp_path, method="unique_mix", decomposition="r0", members=[{"name": "ft1"}]
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_edit_is_tracked_with_lineage(pipeline, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("TVSPLIT_ARTIFACTS", str(tmp_path / "artifacts"))
+    result = edit_model(
+        _recipe(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1"}]),
+        output=str(tmp_path / "out"), catalogue_url=pipeline["url"], show_progress=False,
+    )  # fmt: skip
+    lineage = mlflow.artifacts.load_dict(f"runs:/{result.mlflow_run_id}/lineage.json")
+    assert lineage["sources"]["ft1"]["source"].endswith("ft1")
+    assert mlflow.get_run(result.mlflow_run_id).data.params["method"] == "task_arithmetic"
