@@ -283,18 +283,12 @@ class Catalogue:
 
     def decomposition_group(self, family: str, run: str, *, create: bool = False) -> zarr.Group:
         """The group ``families/<family>/decompositions/<run>`` (created when `create`)."""
-        path = (
-            f"families/{check_node_name('family', family)}/decompositions/"
-            f"{check_node_name('run', run)}"
-        )
-        if create:
-            root = self._open(write=True)
-            assert root is not None
-            return root.require_group(path)
-        group = self._group(path)
-        if group is None:
-            raise CatalogueError(f"{self.url}: no decomposition {family}/{run}")
-        return group
+        try:
+            return self.family_group(
+                family, f"decompositions/{check_node_name('run', run)}", create=create
+            )
+        except CatalogueError:
+            raise CatalogueError(f"{self.url}: no decomposition {family}/{run}") from None
 
 
 class EntryWriter:
