@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,6 +238,9 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
                 "--gpu: this machine has no CUDA device; pass --scheduler of a cluster with GPU workers"
             )
         resources = {"GPU": 1} if gpu else None
+        # Threaded workers share this process: split the cores between them rather than let
+        # every worker's torch spin up a thread per core (oversubscription slows all of them).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
