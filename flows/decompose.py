@@ -223,6 +223,7 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
     """A Dask task runner for the flow: on ``scheduler`` (``tcp://host:8786``) or a fresh
     threaded LocalCluster of ``workers`` workers. With ``gpu``, refuses a cluster where no
     worker offers a ``GPU`` resource (a job asking for one would wait forever)."""
+    import torch
     from distributed import Client, LocalCluster
     from prefect_dask import DaskTaskRunner
 
@@ -230,9 +231,8 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
     cluster = None
+    threads = torch.get_num_threads()
     if scheduler is None:
-        import torch
-
         if gpu and not torch.cuda.is_available():
             raise DecomposeError(
                 "--gpu: this machine has no CUDA device; pass --scheduler of a cluster with GPU workers"
@@ -268,6 +268,7 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
     finally:
         if cluster is not None:
             cluster.close()
+        torch.set_num_threads(threads)
 
 
 def run_decompose(
