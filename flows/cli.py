@@ -19,15 +19,55 @@ def main() -> None:
 
 @app.command()
 def demo(
-    size: int = typer.Option(256, help="Rows and columns of each planted parameter."),
-    members: int = typer.Option(8, help="Number of task vectors in the synthetic family."),
-    noise: float = typer.Option(0.1, help="Noise level σ (spectral norm of the noise ≈ 2σ)."),
-    seed: int = typer.Option(0, help="Seed of the synthetic family."),
+    planted: bool = typer.Option(
+        False, "--planted", help="Only split a synthetic family with planted structure (seconds)."
+    ),
+    preset: str = typer.Option("full", help="Vision suite preset: full (the demo) or small."),
+    size: int = typer.Option(256, help="--planted: rows and columns of each parameter."),
+    members: int = typer.Option(8, help="--planted: task vectors in the synthetic family."),
+    noise: float = typer.Option(0.1, help="--planted: noise level σ (‖N‖₂ ≈ 2σ)."),
+    seed: int = typer.Option(0, help="--planted: seed of the synthetic family."),
 ) -> None:
-    """Split a synthetic family with planted shared and unique structure and show the result."""
-    from flows.demo import run_demo
+    """The main job on embedded defaults: the vision suite through the whole pipeline
+    (zoo → ingest → decompose → evaluate → edit → MLflow → RESULTS.md). A rerun reuses the
+    zoo, the catalogue and the decomposition runs."""
+    if planted:
+        from flows.demo import run_demo
 
-    run_demo(size=size, members=members, noise=noise, seed=seed)
+        run_demo(size=size, members=members, noise=noise, seed=seed)
+        return
+    from flows.vision import print_summary, vision_suite
+
+    print_summary(vision_suite(preset=preset))
+
+
+evaluate_app = typer.Typer(help="Evaluation suites.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@evaluate_app.command("vision")
+def evaluate_vision(
+    preset: str = typer.Option("full", help="full (3 seeds, the demo's) or small (CI-sized)."),
+    workers: int = typer.Option(2, help="LocalCluster workers for the decomposition."),
+    results: str = typer.Option("RESULTS.md", help="Where to write the results (markdown)."),
+    catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
+    track: bool = typer.Option(True, help="Log to MLflow (parent run, one nested run per method)."),
+) -> None:
+    """Does merging with shared parts beat the baselines on real images? (vision suite)"""
+    from flows.vision import print_summary, vision_suite
+
+    if preset not in ("full", "small"):
+        raise typer.BadParameter("use full or small", param_hint="--preset")
+    print_summary(
+        vision_suite(
+            preset=preset,
+            catalogue_url=catalogue,
+            workers=workers,
+            track=track,
+            results_path=results,
+        ),
+        catalogue,
+    )
 
 
 import flows.catalogue_cli  # noqa: E402  (registers `ingest` and `catalogue ...`)

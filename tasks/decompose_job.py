@@ -23,6 +23,7 @@ from tasks.decompose import (
     basis_from_arrays,
     basis_to_arrays,
     member_basis,
+    shared_from_arrays,
     split_from_bases,
     split_to_arrays,
 )
@@ -174,3 +175,30 @@ def decompose_parameter_task(
     return decompose_parameter(
         catalogue_url, family, run, name, members, fingerprints, settings, device
     )
+
+
+def stored_shared_parts(
+    catalogue_url: str, family: str, run: str, members: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Every parameter's shared parts from a finished run, (T, *shape) in ``members`` order
+    (a subset or reordering of the run's members), derived from the stored compact form and
+    the members' task vectors in the catalogue."""
+    catalogue = Catalogue(catalogue_url)
+    store = DecompositionRun(catalogue, family, run)
+    attrs = store.attrs()
+    order = list(attrs["members"])
+    parts = {}
+    for name in attrs["parameters"]:
+        stored = store.read_parameter(name)
+        parts[name] = torch.stack(
+            [
+                shared_from_arrays(
+                    stored.arrays,
+                    stored.diagnostics,
+                    order.index(member),
+                    catalogue.read(family, name, member=member),
+                )
+                for member in members
+            ]
+        )
+    return parts

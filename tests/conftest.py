@@ -46,3 +46,9 @@ def repos(tmp_path_factory):
         classifier_model=classifier_model,
         classifier=save_model(classifier_model, root / "classifier"),
     )
+
+
+@pytest.fixture(scope="session")
+def vision_data_root(tmp_path_factory):
+    """One data root for the vision tests: the small zoo is trained once and then reused."""
+    return tmp_path_factory.mktemp("vision-data")

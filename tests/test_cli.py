@@ -19,7 +19,7 @@ def test_demo_finds_every_planted_direction():
 
 
 def test_demo_command_prints_the_table():
-    result = CliRunner().invoke(app, ["demo", "--size", "64", "--members", "3"])
+    result = CliRunner().invoke(app, ["demo", "--planted", "--size", "64", "--members", "3"])
     assert result.exit_code == 0, result.output
     for text in ("attn.q_proj.weight", "shared energy per member", "chance", "norm.weight"):
         assert text in result.output

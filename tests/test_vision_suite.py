@@ -1,0 +1,242 @@
+"""The vision suite at its small preset: real data, a real (small) zoo, every merge method.
+
+One zoo and one benchmark run are built per session (module fixtures); the assertions are
+about what they mean: splits, fine-tuning, merging, the baselines' definitions, the report.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from tasks.suites.vision import baselines, data
+from tasks.suites.vision.benchmark import BenchmarkConfig, run_benchmark
+from tasks.suites.vision.merging import edit_state, load_family, split_family
+from tasks.suites.vision.model import load_backbone
+from tasks.suites.vision.report import bar_chart, markdown_table, verdict, write_results
+from tasks.suites.vision.zoo import ZooConfig, ZooError, build_zoo
+
+SIZES = data.SplitSizes(train=300, val=50, test=60)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_at_least_six_tasks_without_fashion(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.FASHION_DIR_ENV, str(tmp_path / "missing"))
+    data._fashion_pool.cache_clear()
+    try:
+        names = data.task_names()
+        with pytest.raises(data.DataUnavailableError, match="dataset-fashion-mnist"):
+            data.load_task("fashion", SIZES)
+    finally:
+        data._fashion_pool.cache_clear()
+    assert "fashion" not in names
+    assert len(names) >= 6
+
+
+@pytest.mark.parametrize("name", ["mnist", "mnist_clutter", "animal", "digits"])
+def test_splits_are_deterministic_disjoint_and_well_formed(name):
+    first, second = data.load_task(name, SIZES, data_seed=3), data.load_task(name, SIZES, 3)
+    other_seed = data.load_task(name, SIZES, data_seed=4)
+    for which in data.SPLITS:
+        a, b = first.split(which), second.split(which)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+        assert a.images.dtype == torch.uint8 and a.images.shape[1:] == (1, 28, 28)
+        assert a.labels.dtype == torch.int64
+        assert int(a.labels.min()) >= 0 and int(a.labels.max()) < first.num_classes
+    assert (len(first.train), len(first.val), len(first.test)) == (300, 50, 60)
+    indices = [set(first.split(w).source_index.tolist()) for w in data.SPLITS]
+    assert not (indices[0] & indices[1]) and not (indices[0] & indices[2])
+    assert not (indices[1] & indices[2])
+    assert not torch.equal(first.train.source_index, other_seed.train.source_index)
+
+
+def test_tasks_from_one_source_use_disjoint_images():
+    mnist_tasks = [n for n, spec in data.TASKS.items() if spec.source == "mnist"]
+    seen: set[int] = set()
+    for name in mnist_tasks:
+        task = data.load_task(name, SIZES)
+        mine = {i for w in data.SPLITS for i in task.split(w).source_index.tolist()}
+        assert not (mine & seen), f"{name} reuses images of another MNIST task"
+        seen |= mine
+    parity = data.load_task("mnist_parity", SIZES)
+    assert set(parity.train.labels.tolist()) == {0, 1}
+
+
+def test_data_pickles_cannot_load_other_classes(tmp_path):
+    import gzip
+
+    path = tmp_path / "evil.gz"
+    with gzip.open(path, "wb") as handle:
+        pickle.dump(print, handle)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        data._read_pickle(path)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _block_task(rows: slice, rank: int, seed: int, n: int = 12) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    delta = torch.zeros(n, n, dtype=torch.float64)
+    u = torch.randn(rows.stop - rows.start, rank, generator=generator, dtype=torch.float64)
+    v = torch.randn(rank, n, generator=generator, dtype=torch.float64)
+    delta[rows] = u @ v
+    return delta
+
+
+def test_tsv_merge_with_orthogonal_task_spaces_is_the_sum():
+    # three rank-4 tasks living in disjoint row blocks and disjoint column blocks of a 12 × 12
+    # matrix: their singular spaces are mutually orthogonal and keep = 12 // 3 = 4 triplets
+    # per task keeps each task whole, so TSV-M must return the plain sum.
+    tasks = []
+    for i in range(3):
+        block = torch.zeros(12, 12, dtype=torch.float64)
+        block[4 * i : 4 * i + 4, 4 * i : 4 * i + 4] = torch.randn(
+            4, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64
+        )
+        tasks.append(block)
+    merged = baselines.tsv_merge(tasks)
+    torch.testing.assert_close(merged, sum(tasks), rtol=1e-10, atol=1e-10)
+
+
+def test_tsv_merge_truncates_and_orthogonalizes():
+    tasks = [_block_task(slice(0, 12), 6, seed) for seed in range(3)]  # overlapping spaces
+    merged = baselines.tsv_merge(tasks)
+    assert torch.linalg.matrix_rank(merged) <= 12  # 3 tasks × 4 triplets
+    # each task alone: its best rank-4 approximation, which the merge keeps along
+    # orthogonalized directions; the result differs from the plain sum
+    assert not torch.allclose(merged, sum(tasks))
+    q = baselines.orthogonalize(torch.randn(12, 5, dtype=torch.float64))
+    torch.testing.assert_close(q.T @ q, torch.eye(5, dtype=torch.float64))
+
+
+def test_iso_c_flattens_the_spectrum_and_iso_cts_reduces_to_it():
+    tasks = [_block_task(slice(0, 12), 3, seed) for seed in range(4)]
+    merged = baselines.iso_c(tasks)
+    total = sum(tasks)
+    s_total = torch.linalg.svdvals(total)
+    s_merged = torch.linalg.svdvals(merged)
+    torch.testing.assert_close(s_merged, torch.full_like(s_merged, float(s_total.mean())))
+    torch.testing.assert_close(baselines.iso_cts(tasks, common_fraction=1.0), merged)
+    ones = [torch.full((5,), float(i)) for i in range(4)]
+    torch.testing.assert_close(baselines.tsv_merge(ones), torch.full((5,), 1.5))
+    torch.testing.assert_close(baselines.iso_cts(ones), torch.full((5,), 1.5))
+
+
+# --------------------------------------------------------------------------- zoo + benchmark
+
+
+@pytest.fixture(scope="module")
+def zoo(vision_data_root):
+    from tasks.suites.vision.zoo import default_zoo_dir
+
+    torch.set_num_threads(2)
+    config = ZooConfig.small()
+    return build_zoo(default_zoo_dir(vision_data_root, config), config)
+
+
+@pytest.fixture(scope="module")
+def result(zoo):
+    return run_benchmark(zoo, BenchmarkConfig.small())
+
+
+def test_zoo_is_a_set_of_loadable_model_repositories(zoo):
+    from transformers import ConvNextModel
+
+    assert zoo.manifest["status"] == "complete" and len(zoo.tasks) >= 6
+    for folder in [zoo.base_dir, *zoo.members(0).values()]:
+        assert {"config.json", "model.safetensors", "README.md"} <= {
+            p.name for p in folder.iterdir()
+        }
+        model = ConvNextModel.from_pretrained(str(folder))
+        assert 100_000 < sum(p.numel() for p in model.parameters()) < 5_000_000
+    family = load_family(zoo.base_dir, zoo.members(0))
+    assert not any("head" in name or "classifier" in name for name in family.base)
+    for task in zoo.tasks:
+        assert zoo.head_path(task).is_file()
+
+
+def test_zoo_is_reused_and_guards_its_config(zoo):
+    weights = zoo.member_dir(0, zoo.tasks[0]) / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = build_zoo(zoo.root, ZooConfig.small())
+    assert weights.stat().st_mtime_ns == before
+    assert again.manifest["fingerprint"] == zoo.manifest["fingerprint"]
+    with pytest.raises(ZooError, match="another config"):
+        build_zoo(zoo.root, ZooConfig.small(data_seed=1))
+
+
+def test_catalogue_spec_is_a_valid_ingest_spec(zoo):
+    from flows.ingest import parse_spec
+
+    spec = parse_spec(zoo.catalogue_spec())
+    family = spec.families[zoo.family_name(0)]
+    assert list(family.members) == list(zoo.tasks)
+
+
+def test_each_individual_model_beats_the_base_on_its_own_task(result):
+    for seed in result.seeds:
+        base = result.record("base", seed).test
+        individual = result.record("individual", seed).test
+        for task in result.tasks:
+            assert individual[task] > base[task], f"{task}: {individual[task]} ≤ {base[task]}"
+
+
+def test_merges_beat_the_base_on_average(result):
+    for seed in result.seeds:
+        base = result.record("base", seed).test_average
+        for method in ("task_arithmetic", "ties", "tsv_m"):
+            assert result.record(method, seed).test_average > base, method
+
+
+def test_results_table_has_every_method_and_column(result, tmp_path):
+    rows = {row["method"]: row for row in result.table()}
+    expected = {
+        "base",
+        "individual",
+        "weight_average",
+        "task_arithmetic",
+        "ties",
+        "tsv_m",
+        "iso_c",
+        "iso_cts",
+        *(f"{m}[{v}]" for m in ("shared_ta", "shared_ties") for v in ("one-sided", "two-sided")),
+    }
+    assert expected <= set(rows)
+    for row in rows.values():
+        assert {*result.tasks, "average", "normalized", "delta_vs_ta", "wins_vs_ta"} <= set(row)
+    assert rows["task_arithmetic"]["delta_vs_ta"] == (0.0, 0.0)
+    assert rows["individual"]["normalized"][0] == pytest.approx(100.0)
+    assert verdict(result).outcome in {"holds", "partly", "does not hold"}
+    assert markdown_table(result).count("\n") == len(rows) + 1
+    text = write_results(result, tmp_path / "RESULTS.md").read_text()
+    assert "## The claim" in text and "task_arithmetic" in text
+    assert bar_chart(result, tmp_path / "bars.png").stat().st_size > 1000
+    json.dumps(result.alignment)  # plain data, loggable
+    for stats in result.alignment.values():
+        assert -1.0 <= stats["cosine_min"] <= stats["cosine_max"] <= 1.0
+
+
+def test_merged_state_equals_direct_edit_and_split_is_exact(zoo):
+    family = load_family(zoo.base_dir, zoo.members(0))
+    merged = edit_state(family, "task_arithmetic", {"scale": 0.3})
+    for name, base in family.base.items():
+        expected = base + 0.3 * sum(family.vectors[name])
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+    settings = BenchmarkConfig.small().split_settings("two-sided")
+    shared = split_family(family, settings)
+    augmented = edit_state(
+        family,
+        "shared_augmented",
+        {"scale": 0.3, "shared_weight": 0.0, "shared_as": "each"},
+        shared,
+    )
+    for name in family.base:
+        torch.testing.assert_close(augmented[name], merged[name])
+    model = load_backbone(merged, load_backbone(zoo.base_dir).config)
+    assert not model.training
