@@ -80,7 +80,10 @@ def vision_suite(
 ) -> VisionRun:
     """Run the whole suite; ``preset`` ``full`` (the demo, 3 seeds) or ``small`` (CI)."""
     console = Console(stderr=True, quiet=not show_progress)
-    say = console.log
+
+    def say(message: str) -> None:
+        console.log(message, markup=False, highlight=False)  # "[one-sided]" is not markup
+
     settings = load_settings(catalogue=catalogue_url)
     zoo_config = ZooConfig.full() if preset == "full" else ZooConfig.small()
     bench_config = BenchmarkConfig() if preset == "full" else BenchmarkConfig.small()
@@ -191,11 +194,11 @@ def print_summary(outcome: VisionRun, settings_catalogue: str | None = None) -> 
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
-    console.print(markdown_table(outcome.result), highlight=False)
+    console.print(markdown_table(outcome.result), highlight=False, markup=False)
     judged = verdict(outcome.result)
     console.print(f"[bold]the +5-point claim: {judged.outcome}[/]")
     for line in judged.lines:
-        console.print(f"  {line}", highlight=False)
+        console.print(f"  {line}", highlight=False, markup=False)
     if outcome.model_dir:
         average = sum(outcome.model_test.values()) / max(1, len(outcome.model_test))
         console.print(
