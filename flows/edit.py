@@ -36,6 +36,7 @@ class EditResult:
     files: tuple[str, ...] = ()
     lora: Path | None = None
     lora_max_error: float | None = None
+    sources: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
 
 
@@ -98,9 +99,8 @@ def write_edited_model(
         fallback = open_source(
             member_source(catalogue, recipe.family, recipe.excluded_from)
         ).checkpoint
-    result = EditResult(output=output)
-    sources = lineage(catalogue, plan)
-    card = model_card(recipe, sources, catalogue_url)
+    result = EditResult(output=output, sources=lineage(catalogue, plan))
+    card = model_card(recipe, result.sources, catalogue_url)
     lora_deltas: list[tuple[str, Any]] = []
     with (
         _progress(show_progress) as progress,
@@ -190,14 +190,9 @@ def edit_model(
                 }
             )
             mlflow.log_dict(recipe.model_dump(exclude_none=True), "recipe.json")
-            catalogue = Catalogue(settings.catalogue)
-            plan = plan_edit(
-                catalogue, recipe.family, recipe.method, recipe.member_names, recipe.method_params,
-                recipe.member_params, recipe.decomposition, recipe.edit_method.needs_split,
-            )  # fmt: skip
             mlflow.log_dict(
                 {
-                    "sources": lineage(catalogue, plan),
+                    "sources": result.sources,
                     "catalogue": settings.catalogue,
                     "output": str(target.resolve()),
                 },

@@ -176,7 +176,10 @@ def list_runs(catalogue: Catalogue, family: str) -> list[tuple[str, dict[str, An
 class BasisCache:
     """Member bases cached per (family, settings key, member, parameter).
 
-    An entry is valid only when complete and made from the member's current fingerprint.
+    One array per entry, ``[left; right]`` packed as (m + n, r) with the singular values in
+    its attrs: three small writes per entry (metadata, data, completion), which matters
+    when a family has hundreds of parameters and members. An entry is valid only when
+    complete and made from the member's current fingerprint.
     """
 
     def __init__(self, catalogue: Catalogue, family: str, settings_key: str) -> None:
@@ -184,24 +187,58 @@ class BasisCache:
         self.family = check_node_name("family", family)
         self.key = check_node_name("settings key", settings_key)
 
-    def _path(self, member: str, name: str) -> str:
-        return f"bases/{self.key}/{check_node_name('member', member)}/{param_key(name)}"
+    def _folder(self, member: str) -> str:
+        return f"bases/{self.key}/{check_node_name('member', member)}"
 
     def get(self, member: str, name: str, fingerprint: str) -> dict[str, Any] | None:
-        """The cached arrays and attrs, or None when absent, incomplete or stale."""
+        """The cached ``left``, ``right``, ``sigma`` and ``attrs``, or None when absent,
+        incomplete or stale."""
         try:
-            group = self.catalogue.family_group(self.family, self._path(member, name))
-        except CatalogueError:
+            group = self.catalogue.family_group(self.family, self._folder(member))
+            array = group[param_key(name)]
+        except (CatalogueError, KeyError):
             return None
-        attrs = dict(group.attrs.get(ATTRS, {}))
+        try:
+            attrs = dict(array.attrs.get(ATTRS, {}))
+        except Exception:  # metadata cut short by a crash
+            return None
         if attrs.get("status") != COMPLETE or attrs.get("fingerprint") != fingerprint:
             return None
-        return {**_read_arrays(group), "attrs": attrs}
+        packed = torch.from_numpy(np.ascontiguousarray(array[...]))
+        rank, rows = int(attrs["rank"]), int(attrs["left_rows"])
+        return {
+            "left": packed[:rows, :rank],
+            "right": packed[rows:, :rank],
+            "sigma": torch.tensor(attrs["sigma"], dtype=torch.float32),
+            "attrs": attrs,
+        }
 
     def put(
         self, member: str, name: str, fingerprint: str, arrays: ArrayMap, attrs: Mapping[str, Any]
     ) -> None:
-        group = self.catalogue.family_group(self.family, self._path(member, name), create=True)
-        group.attrs[ATTRS] = {"status": PARTIAL}
-        _write_arrays(group, arrays)
-        group.attrs[ATTRS] = {**dict(attrs), "fingerprint": fingerprint, "status": COMPLETE}
+        """Store one member basis (``left`` m × r, ``right`` n × r, ``sigma``)."""
+        left, right = arrays["left"].detach().cpu().float(), arrays["right"].detach().cpu().float()
+        rank = left.shape[1]
+        packed = (
+            torch.cat([left, right]) if rank else torch.zeros(left.shape[0] + right.shape[0], 1)
+        )
+        meta = {
+            **dict(attrs),
+            "rank": rank,
+            "left_rows": left.shape[0],
+            "sigma": [float(v) for v in arrays["sigma"].detach().cpu().flatten()],
+            "fingerprint": fingerprint,
+        }
+        group = self.catalogue.family_group(self.family, self._folder(member), create=True)
+        array = group.create_array(
+            name=param_key(name),
+            shape=tuple(packed.shape),
+            dtype="float32",
+            chunks=row_chunks(packed.shape),
+            compressors=ZstdCodec(level=1),
+            fill_value=0.0,
+            attributes={ATTRS: {**meta, "status": PARTIAL}},
+            overwrite=True,
+        )
+        array[...] = packed.numpy()
+        array.attrs[ATTRS] = {**meta, "status": COMPLETE}
