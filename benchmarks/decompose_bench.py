@@ -202,12 +202,16 @@ def block_table(width: int, members: int, console: Console, repeat: int) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--block-only", action="store_true", help="only the ViT-B/32 block table")
     args = parser.parse_args()
     console = Console(width=200) if not Console().is_terminal else Console()
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.quick:
         one_layer_table([(96, 128)], (2, 4), {}, console)
         block_table(128, 4, console, repeat=1)
+        return
+    if args.block_only:
+        block_table(768, 8, console, repeat=3)
         return
     one_layer_table(
         [(768, 768), (1024, 4096), (4096, 4096)],

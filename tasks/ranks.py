@@ -22,7 +22,7 @@ import torch
 
 RULES = ("gavish-donoho", "energy", "fixed", "fraction")
 OVERSAMPLE = 10
-POWER_ITERATIONS = 3
+POWER_ITERATIONS = 2
 FIRST_SKETCH_RANK = 32
 # Below this short side a full SVD costs a few milliseconds; above it the sketch wins.
 FULL_SVD_MAX_SHORT_SIDE = 256
