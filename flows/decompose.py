@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from flows.settings import Settings, load_settings
 from flows.tracking import use_experiment
 from storage.catalogue import Catalogue
-from storage.decompositions import DecompositionRun
+from storage.decompositions import BasisCache, DecompositionRun
 from storage.errors import CatalogueError
 from tasks.decompose_job import (
     SplitSettings,
-    decompose_parameter_task,
+    decompose_batch_task,
     member_fingerprint,
+    plan_batches,
     run_id,
 )
 from tasks.report import chance_warnings, shared_energy_heatmap, spectrum_figure, summary_rows
@@ -92,8 +94,10 @@ def decompose_family(
     gpu: bool = False,
     track: bool = True,
     show_progress: bool = True,
+    batches: int | None = None,
 ) -> DecomposeResult:
-    """Split every parameter of ``family`` and write run ``decompositions/<run>``."""
+    """Split every parameter of ``family`` and write run ``decompositions/<run>``, as
+    ``batches`` Dask jobs of similar size (default 8; `run_decompose`: 4 per worker)."""
     logger = get_run_logger()
     app_settings = load_settings(catalogue=catalogue_url)
     settings = settings or SplitSettings()
@@ -112,26 +116,32 @@ def decompose_family(
         "run %s: %d parameters, %d to split, %d done", run, len(parameters), len(todo), len(done)
     )
 
+    BasisCache(catalogue, family, settings.basis_key()).prepare(chosen)
+    sizes = {p: math.prod(catalogue.array_attrs(family, p, chosen[0])["shape"]) for p in todo}
+    groups = plan_batches(sizes, batches or 8)
     annotation = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
     with annotation:
         futures = {
-            decompose_parameter_task.submit(
-                app_settings.catalogue, family, run, name, chosen, fingerprints, settings
-            ): name
-            for name in todo
+            decompose_batch_task.submit(
+                app_settings.catalogue, family, run, group, chosen, fingerprints, settings
+            ): group
+            for group in groups
         }
-    for future in _progress(
-        as_completed(list(futures)), len(futures), f"splitting {family}", show_progress
-    ):
-        name = futures[future]
+    errors: dict[str, str] = {}
+    bar = _progress(as_completed(list(futures)), len(futures), f"splitting {family}", show_progress)
+    for future in bar:
+        group = futures[future]
         try:
-            report = future.result()
-        except Exception as error:  # reported below; the other parameters go on
-            result.failed[name] = f"{type(error).__name__}: {error}"
-            logger.error("parameter %s failed: %s", name, error)
+            reports = future.result()
+        except Exception as error:  # reported below; the other batches go on
+            for name in group:
+                errors[name] = f"{type(error).__name__}: {error}"
+            logger.error("a batch of %d parameter(s) failed: %s", len(group), error)
             continue
-        result.computed.append(name)
-        result.bases_computed += int(report["bases_computed"])
+        result.bases_computed += sum(int(r["bases_computed"]) for r in reports)
+    complete = store.completed()
+    result.computed = [p for p in todo if p in complete]
+    result.failed = {p: errors.get(p, "not completed") for p in todo if p not in complete}
 
     result.diagnostics = [
         {**store.read_parameter(p).diagnostics, "name": p}
@@ -294,6 +304,7 @@ def run_decompose(
             gpu=gpu,
             track=track,
             show_progress=show_progress,
+            batches=4 * workers if scheduler is None else None,
         )
 
 

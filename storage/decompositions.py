@@ -190,6 +190,12 @@ class BasisCache:
     def _folder(self, member: str) -> str:
         return f"bases/{self.key}/{check_node_name('member', member)}"
 
+    def prepare(self, members: Sequence[str]) -> None:
+        """Create the members' folders up front: concurrent jobs creating the same new group
+        race in zarr (one of them fails with ContainsGroupError)."""
+        for member in members:
+            self.catalogue.family_group(self.family, self._folder(member), create=True)
+
     def get(self, member: str, name: str, fingerprint: str) -> dict[str, Any] | None:
         """The cached ``left``, ``right``, ``sigma`` and ``attrs``, or None when absent,
         incomplete or stale."""

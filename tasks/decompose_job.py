@@ -143,6 +143,14 @@ def decompose_parameter(
     return {**diagnostics, "name": name, "bases_computed": computed, "device": str(target)}
 
 
+class BatchError(RuntimeError):
+    """Parameters of a batch that failed in a way a retry may cure (I/O, a lost worker)."""
+
+
+class BatchInputError(ValueError):
+    """Parameters of a batch whose input is bad: retrying will not help."""
+
+
 def _retryable(task, task_run, state) -> bool:
     """Retry what may pass next time (I/O, lost workers); bad input (ValueError) fails at once."""
     try:
@@ -154,27 +162,60 @@ def _retryable(task, task_run, state) -> bool:
     return True
 
 
+def plan_batches(sizes: dict[str, int], batches: int) -> list[list[str]]:
+    """Group parameters into at most ``batches`` jobs of similar total size (largest first,
+    each to the lightest group), keeping the given order inside each group."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(batches, len(sizes))))]
+    loads = [0] * len(groups)
+    for name in sorted(sizes, key=lambda n: -sizes[n]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(name)
+        loads[lightest] += sizes[name]
+    order = {name: i for i, name in enumerate(sizes)}
+    return [sorted(group, key=order.__getitem__) for group in groups if group]
+
+
 @task(
-    name="decompose-parameter",
+    name="decompose-parameters",
     retries=2,
     retry_delay_seconds=[1, 5],
     retry_condition_fn=_retryable,
-    task_run_name="split {name}",
+    task_run_name="split {names[0]} and the rest of its batch",
 )
-def decompose_parameter_task(
+def decompose_batch_task(
     catalogue_url: str,
     family: str,
     run: str,
-    name: str,
+    names: Sequence[str],
     members: Sequence[str],
     fingerprints: dict[str, str],
     settings: SplitSettings,
     device: str = "auto",
-) -> dict[str, Any]:
-    """Prefect wrapper of ``decompose_parameter`` (retried on errors other than bad input)."""
-    return decompose_parameter(
-        catalogue_url, family, run, name, members, fingerprints, settings, device
-    )
+) -> list[dict[str, Any]]:
+    """Run ``decompose_parameter`` for each of ``names`` not yet complete in the run.
+
+    Every parameter is written and marked complete on its own, so a retry (or a rerun of the
+    flow) redoes only the ones still missing. Batching keeps the orchestration cost (a task
+    run, a Dask submission) per batch rather than per parameter. Raises BatchError (retried)
+    or BatchInputError (not retried) naming every parameter that failed, after trying all.
+    """
+    done = DecompositionRun(Catalogue(catalogue_url), family, run).completed()
+    reports, failures, all_bad_input = [], [], True
+    for name in names:
+        if name in done:
+            continue
+        try:
+            reports.append(
+                decompose_parameter(
+                    catalogue_url, family, run, name, members, fingerprints, settings, device
+                )
+            )
+        except Exception as error:  # collected: the rest of the batch still runs
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+            all_bad_input = all_bad_input and isinstance(error, ValueError)
+    if failures:
+        raise (BatchInputError if all_bad_input else BatchError)("; ".join(failures))
+    return reports
 
 
 def stored_shared_parts(
