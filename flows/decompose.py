@@ -1,4 +1,9 @@
-"""The decomposition flow: one job per parameter of a family, run on a Dask cluster.
+"""The decomposition flow: every parameter of a family split on a Dask cluster.
+
+Parameters are the unit of work, storage and resumption (each is written and marked
+complete on its own); they are dispatched in size-balanced batches, one Prefect task per
+batch, because a task run costs a fixed ~0.1–0.3 s of orchestration that a small parameter's
+split does not.
 
 Plan → dispatch (prefect-dask; GPU workers with ``--gpu``) → collect → track in MLflow.
 Resumable and idempotent: the run name derives from (family, members, settings, member
