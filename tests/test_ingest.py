@@ -105,10 +105,13 @@ def test_flow_ingests_a_mixed_family_then_skips_it(prefect_harness, family, tmp_
     assert {r["status"] for r in again} == {"skipped"}
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client:  # the newest: other tests ingest too
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tvsplit-ingest"]))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tvsplit-ingest"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
         )
     assert artifacts and artifacts[0].type == "table"
     assert "fam/vectors/lora" in str(artifacts[0].data)
