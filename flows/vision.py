@@ -202,7 +202,9 @@ def print_summary(outcome: VisionRun, settings_catalogue: str | None = None) -> 
     if outcome.model_dir:
         average = sum(outcome.model_test.values()) / max(1, len(outcome.model_test))
         console.print(
-            f"edited model ({EXPORTED_METHOD}, seed {outcome.zoo.seeds[0]}): {outcome.model_dir} — test average {average:.1f}%"
+            f"edited model ({EXPORTED_METHOD}, seed {outcome.zoo.seeds[0]}): {outcome.model_dir}"
+            f" — test average {average:.1f}%",
+            markup=False,
         )
     if outcome.results_path:
         console.print(f"results: {outcome.results_path}")

@@ -83,7 +83,9 @@ class ZooConfig(BaseModel):
     pretrain: TrainSpec = TrainSpec(steps=500, batch_size=64, lr=2e-3, weight_decay=0.05)
     probe_l2: float = Field(1e-3, ge=0)
     probe_iterations: int = Field(200, ge=1)
-    finetune: TrainSpec = TrainSpec(steps=300, batch_size=32, lr=1e-3)
+    # lr 3e-4: at 1e-3 the task vectors grew so large and conflicting that every plain merge
+    # (TA, TIES, averaging) fell below the base; see RESULTS.md history in the notes.
+    finetune: TrainSpec = TrainSpec(steps=300, batch_size=32, lr=3e-4)
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1)
 
     @classmethod
@@ -151,7 +153,9 @@ class Zoo:
         return {task: load_head(self.head_path(task)) for task in self.tasks}
 
     def family_name(self, seed: int) -> str:
-        return f"vision-seed{seed}"
+        """Catalogue family of one seed, tied to this zoo's fingerprint: a rebuilt zoo with
+        another config lands in new families instead of clashing with the old entries."""
+        return f"vision-{self.config.name}-{self.manifest['fingerprint'][:8]}-seed{seed}"
 
     def catalogue_spec(self, seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
         """Ingest spec data (``flows.ingest.parse_spec`` shape): one family per seed, the
