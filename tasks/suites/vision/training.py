@@ -5,6 +5,7 @@ batch sampling, CPU)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -60,21 +61,14 @@ def pretrain_rotation(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = torch.nn.Linear(feature_size(backbone.config), 4)
-    optimiser, scheduler = _optimiser([*backbone.parameters(), *head.parameters()], spec)
-    backbone.train()
-    losses = []
-    for _ in range(spec.steps):
+
+    def step_loss() -> torch.Tensor:
         index = torch.randint(0, images.shape[0], (spec.batch_size,), generator=generator)
         turns = torch.randint(0, 4, (spec.batch_size,), generator=generator)
         batch = to_pixels(rotate_batch(images[index], turns))
-        loss = F.cross_entropy(head(backbone(pixel_values=batch).pooler_output), turns)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-    backbone.eval()
-    return losses
+        return F.cross_entropy(head(backbone(pixel_values=batch).pooler_output), turns)
+
+    return _train(backbone, [*backbone.parameters(), *head.parameters()], spec, step_loss)
 
 
 def fit_probe(
@@ -123,13 +117,28 @@ def finetune(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head.requires_grad_(False)
-    optimiser, scheduler = _optimiser(list(backbone.parameters()), spec)
+
+    def step_loss() -> torch.Tensor:
+        index = torch.randint(0, images.shape[0], (spec.batch_size,), generator=generator)
+        logits = head(backbone(pixel_values=to_pixels(images[index])).pooler_output)
+        return F.cross_entropy(logits, labels[index])
+
+    return _train(backbone, list(backbone.parameters()), spec, step_loss)
+
+
+def _train(
+    backbone: ConvNextModel,
+    parameters: list[torch.nn.Parameter],
+    spec: TrainSpec,
+    step_loss: Callable[[], torch.Tensor],
+) -> list[float]:
+    """``spec.steps`` optimiser steps on ``step_loss()`` (which draws its own batch), the
+    backbone in train mode meanwhile; returns the loss per step."""
+    optimiser, scheduler = _optimiser(parameters, spec)
     backbone.train()
     losses = []
     for _ in range(spec.steps):
-        index = torch.randint(0, images.shape[0], (spec.batch_size,), generator=generator)
-        logits = head(backbone(pixel_values=to_pixels(images[index])).pooler_output)
-        loss = F.cross_entropy(logits, labels[index])
+        loss = step_loss()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
