@@ -39,6 +39,8 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpt2_shapes import block_shapes
+
 from storage.model_folder import ModelFolderWriter
 from tasks.edit import EditInputs, apply_edit
 
@@ -60,21 +62,7 @@ def gpt2_small_shapes() -> dict[str, tuple[int, ...]]:
         "transformer.wpe.weight": (positions, d),
     }
     for i in range(layers):
-        p = f"transformer.h.{i}"
-        shapes |= {
-            f"{p}.ln_1.weight": (d,),
-            f"{p}.ln_1.bias": (d,),
-            f"{p}.attn.c_attn.weight": (d, 3 * d),
-            f"{p}.attn.c_attn.bias": (3 * d,),
-            f"{p}.attn.c_proj.weight": (d, d),
-            f"{p}.attn.c_proj.bias": (d,),
-            f"{p}.ln_2.weight": (d,),
-            f"{p}.ln_2.bias": (d,),
-            f"{p}.mlp.c_fc.weight": (d, 4 * d),
-            f"{p}.mlp.c_fc.bias": (4 * d,),
-            f"{p}.mlp.c_proj.weight": (4 * d, d),
-            f"{p}.mlp.c_proj.bias": (d,),
-        }
+        shapes |= block_shapes(f"transformer.h.{i}", d)
     return shapes | {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
 
 

@@ -35,6 +35,8 @@ from zarr.codecs import ZstdCodec
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpt2_shapes import block_shapes  # noqa: E402
+
 from storage.catalogue import ZSTD_LEVEL, row_chunks  # noqa: E402
 from tasks.ingest import IngestJob, run_ingest_job  # noqa: E402
 
@@ -42,21 +44,7 @@ WIDTH, VOCAB, POSITIONS = 768, 50257, 1024
 
 
 def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
-    d = WIDTH
-    return {
-        f"h.{i}.ln_1.weight": (d,),
-        f"h.{i}.ln_1.bias": (d,),
-        f"h.{i}.attn.c_attn.weight": (d, 3 * d),
-        f"h.{i}.attn.c_attn.bias": (3 * d,),
-        f"h.{i}.attn.c_proj.weight": (d, d),
-        f"h.{i}.attn.c_proj.bias": (d,),
-        f"h.{i}.ln_2.weight": (d,),
-        f"h.{i}.ln_2.bias": (d,),
-        f"h.{i}.mlp.c_fc.weight": (d, 4 * d),
-        f"h.{i}.mlp.c_fc.bias": (4 * d,),
-        f"h.{i}.mlp.c_proj.weight": (4 * d, d),
-        f"h.{i}.mlp.c_proj.bias": (d,),
-    }
+    return block_shapes(f"h.{i}", WIDTH)
 
 
 def write_model(folder: Path, layers: int, seed: int, base: Path | None = None) -> int:

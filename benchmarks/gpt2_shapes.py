@@ -1,0 +1,21 @@
+"""GPT-2 block shapes shared by the benchmarks (transformers' Conv1D layout: in × out)."""
+
+from __future__ import annotations
+
+
+def block_shapes(prefix: str, d: int = 768) -> dict[str, tuple[int, ...]]:
+    """The twelve parameters of one GPT-2 block under ``prefix`` (e.g. ``transformer.h.0``)."""
+    return {
+        f"{prefix}.ln_1.weight": (d,),
+        f"{prefix}.ln_1.bias": (d,),
+        f"{prefix}.attn.c_attn.weight": (d, 3 * d),
+        f"{prefix}.attn.c_attn.bias": (3 * d,),
+        f"{prefix}.attn.c_proj.weight": (d, d),
+        f"{prefix}.attn.c_proj.bias": (d,),
+        f"{prefix}.ln_2.weight": (d,),
+        f"{prefix}.ln_2.bias": (d,),
+        f"{prefix}.mlp.c_fc.weight": (d, 4 * d),
+        f"{prefix}.mlp.c_fc.bias": (4 * d,),
+        f"{prefix}.mlp.c_proj.weight": (4 * d, d),
+        f"{prefix}.mlp.c_proj.bias": (d,),
+    }
