@@ -121,8 +121,9 @@ def decompose_family(
         "run %s: %d parameters, %d to split, %d done", run, len(parameters), len(todo), len(done)
     )
 
-    BasisCache(catalogue, family, settings.basis_key()).prepare(chosen)
-    sizes = {p: math.prod(catalogue.array_attrs(family, p, chosen[0])["shape"]) for p in todo}
+    BasisCache(catalogue, family, settings.basis_key()).prepare()
+    first = catalogue.open_entry(family, chosen[0])
+    sizes = {p: math.prod(first.array(p).shape) for p in todo}
     groups = plan_batches(sizes, batches or 8)
     annotation = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
     with annotation:
@@ -149,9 +150,7 @@ def decompose_family(
     result.failed = {p: errors.get(p, "not completed") for p in todo if p not in complete}
 
     result.diagnostics = [
-        {**store.read_parameter(p).diagnostics, "name": p}
-        for p in parameters
-        if p not in result.failed
+        {**store.read_diagnostics(p), "name": p} for p in parameters if p not in result.failed
     ]
     result.warnings = chance_warnings(result.diagnostics)
     for warning in result.warnings:
@@ -316,6 +315,6 @@ def run_decompose(
 def read_diagnostics(catalogue: Catalogue, family: str, run: str, name: str) -> dict[str, Any]:
     """The stored diagnostics of one parameter of a run."""
     try:
-        return DecompositionRun(catalogue, family, run).read_parameter(name).diagnostics
+        return DecompositionRun(catalogue, family, run).read_diagnostics(name)
     except CatalogueError as error:
         raise DecomposeError(str(error)) from None

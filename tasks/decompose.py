@@ -36,7 +36,7 @@ from tasks.subspaces import (
     projector_product,
     projector_product_chance,
 )
-from tasks.task_vector import all_finite
+from tasks.task_vector import all_finite, energy
 
 METHODS = ("mean-projector", "projector-product", "pairwise")
 SIDES = ("left", "right", "auto")
@@ -73,6 +73,13 @@ def _orient(delta: torch.Tensor, side: str) -> torch.Tensor:
     matrix = delta.reshape(-1, 1) if delta.ndim == 1 else delta.reshape(delta.shape[0], -1)
     matrix = matrix.to(_compute_dtype(delta.dtype))
     return matrix if side == "left" else matrix.mT
+
+
+def _orient_stack(stack: torch.Tensor, side: str) -> torch.Tensor:
+    """``_orient`` over a stack (T, *shape) → (T, m, n): a view when no dtype change is
+    needed (no copy of the family's deltas)."""
+    matrices = stack.reshape(stack.shape[0], stack.shape[1], -1).to(_compute_dtype(stack.dtype))
+    return matrices if side == "left" else matrices.mT
 
 
 def _restore(
@@ -255,8 +262,8 @@ class LayerSplit:
         """‖shared_i‖² / ‖delta_i‖² per member (0 for an all-zero delta)."""
         energies = []
         for i in range(self.members):
-            total = float(self.oriented[i].double().square().sum())
-            kept = float(self._coefficient(i).double().square().sum())
+            total = energy(self.oriented[i])
+            kept = energy(self._coefficient(i))
             energies.append(kept / total if total > 0 else 0.0)
         return torch.tensor(energies, dtype=torch.float64)
 
@@ -386,7 +393,7 @@ def split_from_bases(
                 f"{basis.side!r}, but the deltas have shape {tuple(stack.shape[1:])} side {side!r}"
             )
     tau = _resolve_threshold(method, threshold, min_tasks, members, name)
-    oriented = torch.stack([_orient(d, side) for d in stack.unbind(0)])
+    oriented = _orient_stack(stack, side)
     ranks = tuple(b.rank for b in bases)
     one_dimensional = stack.ndim == 2
     if one_dimensional:
@@ -571,7 +578,7 @@ def split_from_arrays(
     """
     stack = deltas if isinstance(deltas, torch.Tensor) else torch.stack(list(deltas))
     side = str(diagnostics["side"])
-    oriented = torch.stack([_orient(d, side) for d in stack.unbind(0)])
+    oriented = _orient_stack(stack, side)
 
     def get(key: str) -> torch.Tensor:
         return arrays[key].to(device=oriented.device, dtype=oriented.dtype)

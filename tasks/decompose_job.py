@@ -2,15 +2,21 @@
 
 The job reads the members' T slices of that parameter, reuses each member's cached basis
 (computing and caching only the missing ones), splits, and writes the compact result and
-its diagnostics into the run. Memory is bounded by one parameter's T slices. It runs on
-the worker's device: CUDA when the worker has a GPU, else the CPU.
+its diagnostics into the run. A batch of parameters is pipelined (read ahead, split, write
+behind), so memory is bounded by a few parameters' T slices. It runs on the worker's device:
+CUDA when the worker has a GPU, else the CPU.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Literal
 
 import torch
@@ -102,6 +108,113 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class _Inputs:
+    """What one parameter's split reads: the members' slices and their cached bases."""
+
+    name: str
+    deltas: torch.Tensor
+    cached: dict[str, dict[str, Any]]
+
+
+@dataclass
+class _Outputs:
+    """What one parameter's split writes: the compact result and the new member bases."""
+
+    name: str
+    arrays: dict[str, torch.Tensor]
+    diagnostics: dict[str, Any]
+    new_bases: dict[str, tuple[str, dict[str, torch.Tensor], dict[str, Any]]]
+    device: str
+
+
+class _Job:
+    """One worker's view of a run: the members' entries opened once, the cache, the store."""
+
+    def __init__(
+        self,
+        catalogue_url: str,
+        family: str,
+        run: str,
+        members: Sequence[str],
+        fingerprints: dict[str, str],
+        settings: SplitSettings,
+        device: str,
+    ) -> None:
+        catalogue = Catalogue(catalogue_url)
+        self.members = list(members)
+        self.fingerprints = {m: fingerprints[m] for m in members}
+        self.settings = settings
+        self.target = pick_device(device)
+        self.entries = [catalogue.open_entry(family, m) for m in members]
+        self.cache = BasisCache(catalogue, family, settings.basis_key())
+        self.store = DecompositionRun(catalogue, family, run)
+        self._buffers: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def load(self, name: str) -> _Inputs:
+        """The members' slices of `name`, decoded into one (T, *shape) buffer."""
+        shape = tuple(self.entries[0].array(name).shape)
+        with self._lock:
+            free = self._buffers.get(shape)
+            deltas = free.pop() if free else torch.empty((len(self.entries), *shape))
+        try:
+            for entry, row in zip(self.entries, deltas.unbind(0), strict=True):
+                entry.read_into(name, row)
+        except BaseException:
+            self.release(deltas)
+            raise
+        return _Inputs(name, deltas, self.cache.get(name, self.fingerprints))
+
+    def release(self, deltas: torch.Tensor) -> None:
+        """Give a slices buffer back for the next parameter of its shape: a parameter shape
+        repeats every block, and reusing its buffer spares the page faults of a new one."""
+        with self._lock:
+            self._buffers.setdefault(tuple(deltas.shape[1:]), []).append(deltas)
+
+    def split(self, inputs: _Inputs) -> _Outputs:
+        """The math: member bases (cached ones reused), then the split. No I/O."""
+        name, deltas = inputs.name, inputs.deltas.to(self.target)
+        bases, new_bases = [], {}
+        for member, delta in zip(self.members, deltas.unbind(0), strict=True):
+            cached = inputs.cached.get(member)
+            if cached is not None:
+                bases.append(
+                    basis_from_arrays(
+                        cached, cached["attrs"], device=self.target, dtype=delta.dtype
+                    )
+                )
+                continue
+            basis = member_basis(delta, name=name, member=member, **self.settings.basis_kwargs())
+            new_bases[member] = (self.fingerprints[member], *basis_to_arrays(basis))
+            bases.append(basis)
+        split = split_from_bases(
+            deltas, bases, name=name, member_names=self.members, **self.settings.split_kwargs()
+        )
+        arrays, diagnostics = split_to_arrays(split)
+        arrays = {key: _own_memory(value, inputs.deltas) for key, value in arrays.items()}
+        diagnostics["members"] = list(self.members)
+        return _Outputs(name, arrays, diagnostics, new_bases, str(self.target))
+
+    def write(self, outputs: _Outputs) -> dict[str, Any]:
+        """Cache the new bases, then store the result (marked complete last); the report."""
+        self.cache.put(outputs.name, outputs.new_bases)
+        self.store.write_parameter(outputs.name, outputs.arrays, outputs.diagnostics)
+        return {
+            **outputs.diagnostics,
+            "name": outputs.name,
+            "bases_computed": len(outputs.new_bases),
+            "device": outputs.device,
+        }
+
+
+def _own_memory(tensor: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied if it is a view of `buffer` (which will be reused)."""
+    if tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+        return tensor.clone()
+    return tensor
+
+
 def decompose_parameter(
     catalogue_url: str,
     family: str,
@@ -117,30 +230,77 @@ def decompose_parameter(
     Returns the diagnostics plus ``bases_computed`` (how many member bases were not cached)
     and ``device``. Idempotent: rerunning rewrites the same result.
     """
-    catalogue = Catalogue(catalogue_url)
-    target = pick_device(device)
-    cache = BasisCache(catalogue, family, settings.basis_key())
-    deltas = torch.stack([catalogue.read(family, name, member=m) for m in members]).to(target)
-    bases, computed = [], 0
-    for member, delta in zip(members, deltas.unbind(0), strict=True):
-        cached = cache.get(member, name, fingerprints[member])
-        if cached is not None:
-            bases.append(
-                basis_from_arrays(cached, cached["attrs"], device=target, dtype=delta.dtype)
-            )
-            continue
-        basis = member_basis(delta, name=name, member=member, **settings.basis_kwargs())
-        arrays, attrs = basis_to_arrays(basis)
-        cache.put(member, name, fingerprints[member], arrays, attrs)
-        bases.append(basis)
-        computed += 1
-    split = split_from_bases(
-        deltas, bases, name=name, member_names=list(members), **settings.split_kwargs()
-    )
-    arrays, diagnostics = split_to_arrays(split)
-    diagnostics["members"] = list(members)
-    DecompositionRun(catalogue, family, run).write_parameter(name, arrays, diagnostics)
-    return {**diagnostics, "name": name, "bases_computed": computed, "device": str(target)}
+    job = _Job(catalogue_url, family, run, members, fingerprints, settings, device)
+    return job.write(job.split(job.load(name)))
+
+
+READ_AHEAD = 2  # parameters read while one is split: hides a large read behind a small split
+WRITES_IN_FLIGHT = 4  # results (small: bases and coefficients) queued for the writer
+
+
+def decompose_parameters(
+    catalogue_url: str,
+    family: str,
+    run: str,
+    names: Sequence[str],
+    members: Sequence[str],
+    fingerprints: dict[str, str],
+    settings: SplitSettings,
+    device: str = "auto",
+) -> tuple[list[dict[str, Any]], dict[str, Exception]]:
+    """``decompose_parameter`` for each of ``names``, pipelined: while one parameter is
+    split, the next ones are read (one reader thread) and the previous results written (one
+    writer thread, in order).
+
+    Returns the reports of the parameters written and the error of each that failed (the
+    others go on). Memory is bounded by ``1 + READ_AHEAD`` parameters' T slices plus
+    ``WRITES_IN_FLIGHT`` compact results, whatever the number of parameters.
+    """
+    reports: list[dict[str, Any]] = []
+    failures: dict[str, Exception] = {}
+    if not names:
+        return reports, failures
+    job = _Job(catalogue_url, family, run, members, fingerprints, settings, device)
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="tvsplit-read") as reading,
+        ThreadPoolExecutor(1, thread_name_prefix="tvsplit-write") as writing,
+    ):
+        upcoming = iter(names)
+        reads = deque(
+            (name, reading.submit(job.load, name)) for name in islice(upcoming, READ_AHEAD)
+        )
+        writes: deque[tuple[str, Future]] = deque()
+        while reads:
+            name, loading = reads.popleft()
+            for following in islice(upcoming, 1):
+                reads.append((following, reading.submit(job.load, following)))
+            try:
+                inputs = loading.result()
+            except Exception as error:  # collected: the rest go on
+                failures[name] = error
+                continue
+            try:
+                outputs = job.split(inputs)
+            except Exception as error:
+                failures[name] = error
+                continue
+            finally:
+                job.release(inputs.deltas)
+            writes.append((name, writing.submit(job.write, outputs)))
+            while len(writes) > WRITES_IN_FLIGHT:
+                _collect(*writes.popleft(), reports, failures)
+        while writes:
+            _collect(*writes.popleft(), reports, failures)
+    return reports, failures
+
+
+def _collect(
+    name: str, writing: Future, reports: list[dict[str, Any]], failures: dict[str, Exception]
+) -> None:
+    try:
+        reports.append(writing.result())
+    except Exception as error:
+        failures[name] = error
 
 
 class BatchError(RuntimeError):
@@ -192,7 +352,7 @@ def decompose_batch_task(
     settings: SplitSettings,
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Run ``decompose_parameter`` for each of ``names`` not yet complete in the run.
+    """Run ``decompose_parameters`` on those of ``names`` not yet complete in the run.
 
     Every parameter is written and marked complete on its own, so a retry (or a rerun of the
     flow) redoes only the ones still missing. Batching keeps the orchestration cost (a task
@@ -200,21 +360,21 @@ def decompose_batch_task(
     or BatchInputError (not retried) naming every parameter that failed, after trying all.
     """
     done = DecompositionRun(Catalogue(catalogue_url), family, run).completed()
-    reports, failures, all_bad_input = [], [], True
-    for name in names:
-        if name in done:
-            continue
-        try:
-            reports.append(
-                decompose_parameter(
-                    catalogue_url, family, run, name, members, fingerprints, settings, device
-                )
-            )
-        except Exception as error:  # collected: the rest of the batch still runs
-            failures.append(f"{name}: {type(error).__name__}: {error}")
-            all_bad_input = all_bad_input and isinstance(error, ValueError)
+    reports, failures = decompose_parameters(
+        catalogue_url,
+        family,
+        run,
+        [name for name in names if name not in done],
+        members,
+        fingerprints,
+        settings,
+        device,
+    )
     if failures:
-        raise (BatchInputError if all_bad_input else BatchError)("; ".join(failures))
+        bad_input = all(isinstance(error, ValueError) for error in failures.values())
+        raise (BatchInputError if bad_input else BatchError)(
+            "; ".join(f"{name}: {type(e).__name__}: {e}" for name, e in failures.items())
+        )
     return reports
 
 

@@ -20,6 +20,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from tasks.task_vector import energy
+
 RULES = ("gavish-donoho", "energy", "fixed", "fraction")
 OVERSAMPLE = 10
 POWER_ITERATIONS = 2
@@ -159,8 +161,8 @@ def sketched_spectrum(
         q, _ = torch.linalg.qr(a @ z)
     b = q.mT @ a
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    total = float(a.double().square().sum())
-    captured = float(b.double().square().sum())
+    total = energy(a)
+    captured = energy(b)
     return Spectrum(
         q @ ub, s, vh.mT, total, complete=False, residual_energy=max(total - captured, 0.0)
     )

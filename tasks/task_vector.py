@@ -18,6 +18,11 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
+def energy(tensor: torch.Tensor) -> float:
+    """‖tensor‖² (squared Frobenius norm), accumulated in float64 without a float64 copy."""
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+
+
 def parameter_delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
     """`finetuned - base` for one parameter, computed in float32 (float64 stays float64).
 
