@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli import app
-from flows.settings import load_settings
+from flows.settings import load_settings, prefect_run_settings
 
 catalogue_app = typer.Typer(help="Inspect and edit the catalogue.", no_args_is_help=True)
 app.add_typer(catalogue_app, name="catalogue")
@@ -66,7 +66,8 @@ def ingest_command(
 
     url = load_settings(catalogue=catalogue).catalogue
     try:
-        rows = ingest(spec, url, allow_pickle=allow_pickle, progress=progress)
+        with prefect_run_settings():
+            rows = ingest(spec, url, allow_pickle=allow_pickle, progress=progress)
     except IngestFailedError as error:
         _out.print(_report(error.rows))
         _fail(str(error))

@@ -3,7 +3,9 @@
 Parameters are the unit of work, storage and resumption (each is written and marked
 complete on its own); they are dispatched in size-balanced batches, one Prefect task per
 batch, because a task run costs a fixed ~0.1–0.3 s of orchestration that a small parameter's
-split does not.
+split does not. A batch streams its parameters through a pipeline (the next ones read while
+one is split, results written behind), so on a local cluster there is one batch per worker;
+progress is shown per parameter from the run's completed set.
 
 Plan → dispatch (prefect-dask; GPU workers with ``--gpu``) → collect → track in MLflow.
 Resumable and idempotent: the run name derives from (family, members, settings, member
@@ -18,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,10 +28,10 @@ from typing import Any
 import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.futures import as_completed
+from prefect.futures import as_completed, wait
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flows.settings import Settings, load_settings
+from flows.settings import Settings, load_settings, prefect_run_settings
 from flows.tracking import use_experiment
 from storage.catalogue import Catalogue
 from storage.decompositions import BasisCache, DecompositionRun
@@ -102,7 +105,8 @@ def decompose_family(
     batches: int | None = None,
 ) -> DecomposeResult:
     """Split every parameter of ``family`` and write run ``decompositions/<run>``, as
-    ``batches`` Dask jobs of similar size (default 8; `run_decompose`: 4 per worker)."""
+    ``batches`` Dask jobs of similar size (default 8; `run_decompose`: one per local
+    worker)."""
     logger = get_run_logger()
     app_settings = load_settings(catalogue=catalogue_url)
     settings = settings or SplitSettings()
@@ -134,8 +138,12 @@ def decompose_family(
             for group in groups
         }
     errors: dict[str, str] = {}
-    bar = _progress(as_completed(list(futures)), len(futures), f"splitting {family}", show_progress)
-    for future in bar:
+    finished = (
+        _with_progress(list(futures), store, todo, f"splitting {family}")
+        if show_progress and todo
+        else as_completed(list(futures))
+    )
+    for future in finished:
         group = futures[future]
         try:
             reports = future.result()
@@ -173,21 +181,27 @@ def decompose_family(
     return result
 
 
-def _progress(items: Iterator, total: int, label: str, show: bool) -> Iterator:
-    if not show or total == 0:
-        yield from items
-        return
+def _with_progress(futures: list, store: DecompositionRun, todo: list[str], label: str) -> Iterator:
+    """Yield the batch futures as they finish, showing parameters split so far: the run's
+    completed parameters are counted every second or so (less often when listing them
+    takes long: at most 5 % of the time goes to looking)."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("parameters"),
         TimeElapsedColumn(),
     )
+    wanted, pending, interval = set(todo), list(futures), 1.0
     with Progress(*columns, transient=False) as progress:
-        job = progress.add_task(label, total=total)
-        for item in items:
-            yield item
-            progress.advance(job)
+        bar = progress.add_task(label, total=len(todo))
+        while pending:
+            done, not_done = wait(pending, timeout=interval)
+            yield from done
+            pending = list(not_done)
+            started = time.perf_counter()
+            progress.update(bar, completed=len(store.completed() & wanted))
+            interval = max(1.0, 20 * (time.perf_counter() - started))
 
 
 HEATMAP = "shared_energy_heatmap.png"
@@ -299,7 +313,7 @@ def run_decompose(
 ) -> DecomposeResult:
     """Start (or join) the cluster and run the decomposition flow on it."""
     plan(Catalogue(load_settings(catalogue=catalogue_url).catalogue), family, members)  # fail fast
-    with dask_cluster(scheduler, workers, gpu) as runner:
+    with prefect_run_settings(), dask_cluster(scheduler, workers, gpu) as runner:
         return decompose_family.with_options(task_runner=runner)(
             family,
             members=members,
@@ -308,7 +322,7 @@ def run_decompose(
             gpu=gpu,
             track=track,
             show_progress=show_progress,
-            batches=4 * workers if scheduler is None else None,
+            batches=workers if scheduler is None else None,
         )
 
 

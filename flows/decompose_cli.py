@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli import app
-from flows.settings import load_settings
+from flows.settings import load_settings, prefect_run_settings
 
 _out = Console()
 _err = Console(stderr=True)
@@ -128,14 +128,15 @@ def edit_command(
     from tasks.edit_job import EditPlanError
 
     try:
-        result = edit_model(
-            recipe,
-            output=out,
-            catalogue_url=catalogue,
-            lora_rank=lora_rank,
-            overwrite=overwrite,
-            track=track,
-        )
+        with prefect_run_settings():
+            result = edit_model(
+                recipe,
+                output=out,
+                catalogue_url=catalogue,
+                lora_rank=lora_rank,
+                overwrite=overwrite,
+                track=track,
+            )
     except (RecipeError, EditPlanError, EditError, StorageError) as error:
         _fail(str(error))
     _out.print(
