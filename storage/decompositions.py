@@ -222,7 +222,7 @@ class BasisCache:
                 attrs = dict(array.attrs.get(ATTRS, {}))
             except Exception:  # metadata cut short by a crash
                 continue
-            if attrs.get("status") != COMPLETE:
+            if attrs.get("status") != COMPLETE or not isinstance(attrs.get("entries"), list):
                 continue
             wanted = [
                 entry
@@ -250,6 +250,7 @@ class BasisCache:
         if not bases:
             return
         columns, entries, offset = [], [], 0
+        rows = next(iter(bases.values()))[1]["left"].shape[0]
         for member, (fingerprint, arrays, attrs) in bases.items():
             left = arrays["left"].detach().cpu().float()
             right = arrays["right"].detach().cpu().float()
@@ -264,8 +265,13 @@ class BasisCache:
                     "attrs": dict(attrs),
                 }
             )
+            if columns[0].shape[0] != columns[-1].shape[0] or left.shape[0] != rows:
+                raise ValueError(
+                    f"{self.family}/{self._folder(name)}: member {member!r}'s basis has "
+                    f"{left.shape[0]} + {right.shape[0]} rows, the first member's "
+                    f"{rows} + {columns[0].shape[0] - rows}"
+                )
             offset += left.shape[1]
-            rows = left.shape[0]
         packed = torch.cat(columns, dim=1) if offset else torch.zeros(columns[0].shape[0], 1)
         meta = {"entries": entries, "left_rows": rows}
         pack = (

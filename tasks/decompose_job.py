@@ -52,9 +52,11 @@ class SplitSettings(BaseModel):
     solver: Literal["auto", "full", "randomized"] = "auto"
 
     def basis_key(self) -> str:
-        """Key of the settings a member basis depends on (rank rule, cap, side, seed, solver)."""
+        """Key of the settings a member basis depends on (rank rule, cap, side, seed, solver).
+        The prefix names the cache layout: ``b2`` packs (``b-`` folders of the per-member
+        layout are never read)."""
         fields = ("rank", "max_rank_fraction", "side", "seed", "solver")
-        return "b-" + _digest({name: getattr(self, name) for name in fields}, 12)
+        return "b2-" + _digest({name: getattr(self, name) for name in fields}, 12)
 
     def split_kwargs(self) -> dict[str, Any]:
         return {
