@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, Literal
 
 import torch
@@ -130,6 +130,41 @@ class _Outputs:
     device: str
 
 
+class _Buffers:
+    """(T, *shape) float32 buffers for a parameter's slices, reused for the next parameters
+    of the same shape (a shape recurs every block, and a reused buffer spares the page faults
+    of a fresh one). A buffer is kept only while a parameter of its shape is still expected
+    (``expect``), at most two per shape, so a one-off shape such as an embedding is freed at
+    once and the kept memory does not grow with the number of parameters."""
+
+    KEEP = 2
+
+    def __init__(self, members: int) -> None:
+        self._members = members
+        self._expected: Counter[tuple[int, ...]] = Counter()
+        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, shapes: Sequence[tuple[int, ...]]) -> None:
+        with self._lock:
+            self._expected.update(shapes)
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        with self._lock:
+            self._expected[shape] -= 1
+            free = self._free.get(shape)
+            if free:
+                return free.pop()
+        return torch.empty((self._members, *shape))
+
+    def give(self, buffer: torch.Tensor) -> None:
+        shape = tuple(buffer.shape[1:])
+        with self._lock:
+            free = self._free.setdefault(shape, [])
+            if self._expected[shape] > 0 and len(free) < self.KEEP:
+                free.append(buffer)
+
+
 class _Job:
     """One worker's view of a run: the members' entries opened once, the cache, the store."""
 
@@ -151,28 +186,22 @@ class _Job:
         self.entries = [catalogue.open_entry(family, m) for m in members]
         self.cache = BasisCache(catalogue, family, settings.basis_key())
         self.store = DecompositionRun(catalogue, family, run)
-        self._buffers: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
+        self.buffers = _Buffers(len(members))
 
-    def load(self, name: str) -> _Inputs:
-        """The members' slices of `name`, decoded into one (T, *shape) buffer."""
-        shape = tuple(self.entries[0].array(name).shape)
-        with self._lock:
-            free = self._buffers.get(shape)
-            deltas = free.pop() if free else torch.empty((len(self.entries), *shape))
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[0].array(name).shape)
+
+    def load(self, name: str, shape: tuple[int, ...] | None = None) -> _Inputs:
+        """The members' slices of `name`, decoded into one (T, *shape) buffer (give it back
+        with ``buffers.give`` once split)."""
+        deltas = self.buffers.take(shape or self.shape(name))
         try:
             for entry, row in zip(self.entries, deltas.unbind(0), strict=True):
                 entry.read_into(name, row)
         except BaseException:
-            self.release(deltas)
+            self.buffers.give(deltas)
             raise
         return _Inputs(name, deltas, self.cache.get(name, self.fingerprints))
-
-    def release(self, deltas: torch.Tensor) -> None:
-        """Give a slices buffer back for the next parameter of its shape: a parameter shape
-        repeats every block, and reusing its buffer spares the page faults of a new one."""
-        with self._lock:
-            self._buffers.setdefault(tuple(deltas.shape[1:]), []).append(deltas)
 
     def split(self, inputs: _Inputs) -> _Outputs:
         """The math: member bases (cached ones reused), then the split. No I/O."""
@@ -237,6 +266,7 @@ def decompose_parameter(
 
 
 READ_AHEAD = 2  # parameters read while one is split: hides a large read behind a small split
+READ_AHEAD_BYTES = 512 << 20  # ... unless that much is already being read (an embedding)
 WRITES_IN_FLIGHT = 4  # results (small: bases and coefficients) queued for the writer
 
 
@@ -255,27 +285,47 @@ def decompose_parameters(
     writer thread, in order).
 
     Returns the reports of the parameters written and the error of each that failed (the
-    others go on). Memory is bounded by ``1 + READ_AHEAD`` parameters' T slices plus
-    ``WRITES_IN_FLIGHT`` compact results, whatever the number of parameters.
+    others go on). Memory is bounded whatever the number of parameters: the slices of the
+    parameter being split, of at most ``READ_AHEAD`` read ahead (no more than
+    ``READ_AHEAD_BYTES`` beyond the next one), a reusable buffer or two per recurring shape,
+    and ``WRITES_IN_FLIGHT`` compact results.
     """
     reports: list[dict[str, Any]] = []
     failures: dict[str, Exception] = {}
     if not names:
         return reports, failures
     job = _Job(catalogue_url, family, run, members, fingerprints, settings, device)
+    shapes = {}
+    for name in names:
+        try:
+            shapes[name] = job.shape(name)
+        except Exception as error:  # a parameter missing from the first member
+            failures[name] = error
+    job.buffers.expect(list(shapes.values()))
+    size = {name: len(members) * math.prod(shape) * 4 for name, shape in shapes.items()}
     with (
         ThreadPoolExecutor(1, thread_name_prefix="tvsplit-read") as reading,
         ThreadPoolExecutor(1, thread_name_prefix="tvsplit-write") as writing,
     ):
-        upcoming = iter(names)
-        reads = deque(
-            (name, reading.submit(job.load, name)) for name in islice(upcoming, READ_AHEAD)
-        )
+        upcoming = deque(name for name in names if name in shapes)
+        reads: deque[tuple[str, Future]] = deque()
         writes: deque[tuple[str, Future]] = deque()
+
+        def read_ahead() -> None:
+            while upcoming and (
+                not reads
+                or (
+                    len(reads) < READ_AHEAD
+                    and sum(size[n] for n, _ in reads) + size[upcoming[0]] <= READ_AHEAD_BYTES
+                )
+            ):
+                following = upcoming.popleft()
+                reads.append((following, reading.submit(job.load, following, shapes[following])))
+
+        read_ahead()
         while reads:
             name, loading = reads.popleft()
-            for following in islice(upcoming, 1):
-                reads.append((following, reading.submit(job.load, following)))
+            read_ahead()  # while this one is split
             try:
                 inputs = loading.result()
             except Exception as error:  # collected: the rest go on
@@ -287,7 +337,7 @@ def decompose_parameters(
                 failures[name] = error
                 continue
             finally:
-                job.release(inputs.deltas)
+                job.buffers.give(inputs.deltas)
             writes.append((name, writing.submit(job.write, outputs)))
             while len(writes) > WRITES_IN_FLIGHT:
                 _collect(*writes.popleft(), reports, failures)

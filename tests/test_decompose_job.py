@@ -117,6 +117,22 @@ def test_a_member_with_another_shape_is_named(family):
     assert "vectors/odd" in str(error) and "(21, 44)" in str(error) and "(20, 44)" in str(error)
 
 
+def test_slice_buffers_are_kept_only_for_shapes_still_to_come():
+    buffers = job._Buffers(members=3)
+    buffers.expect([(4, 2), (4, 2), (9,), (4, 2)])
+    first = buffers.take((4, 2))
+    buffers.give(first)
+    again = buffers.take((4, 2))
+    assert again is first and again.shape == (3, 4, 2)  # reused, not reallocated
+    one_off = buffers.take((9,))
+    buffers.give(one_off)
+    assert buffers.take((9,)) is not one_off  # nothing of that shape was still expected
+    buffers.give(again)
+    last = buffers.take((4, 2))
+    buffers.give(last)
+    assert buffers.take((4, 2)) is not last  # all three (4, 2) parameters are done
+
+
 def _basis(rows: int, cols: int, rank: int, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {
