@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.futures import as_completed, wait
+from prefect.futures import as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flows.settings import Settings, load_settings, prefect_run_settings
@@ -138,21 +139,22 @@ def decompose_family(
             for group in groups
         }
     errors: dict[str, str] = {}
-    finished = (
-        _with_progress(list(futures), store, todo, f"splitting {family}")
+    progress = (
+        _ParameterProgress(store, todo, f"splitting {family}")
         if show_progress and todo
-        else as_completed(list(futures))
+        else contextlib.nullcontext()
     )
-    for future in finished:
-        group = futures[future]
-        try:
-            reports = future.result()
-        except Exception as error:  # reported below; the other batches go on
-            for name in group:
-                errors[name] = f"{type(error).__name__}: {error}"
-            logger.error("a batch of %d parameter(s) failed: %s", len(group), error)
-            continue
-        result.bases_computed += sum(int(r["bases_computed"]) for r in reports)
+    with progress:
+        for future in as_completed(list(futures)):
+            group = futures[future]
+            try:
+                reports = future.result()
+            except Exception as error:  # reported below; the other batches go on
+                for name in group:
+                    errors[name] = f"{type(error).__name__}: {error}"
+                logger.error("a batch of %d parameter(s) failed: %s", len(group), error)
+                continue
+            result.bases_computed += sum(int(r["bases_computed"]) for r in reports)
     complete = store.completed()
     result.computed = [p for p in todo if p in complete]
     result.failed = {p: errors.get(p, "not completed") for p in todo if p not in complete}
@@ -181,27 +183,48 @@ def decompose_family(
     return result
 
 
-def _with_progress(futures: list, store: DecompositionRun, todo: list[str], label: str) -> Iterator:
-    """Yield the batch futures as they finish, showing parameters split so far: the run's
-    completed parameters are counted every second or so (less often when listing them
-    takes long: at most 5 % of the time goes to looking)."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("parameters"),
-        TimeElapsedColumn(),
-    )
-    wanted, pending, interval = set(todo), list(futures), 1.0
-    with Progress(*columns, transient=False) as progress:
-        bar = progress.add_task(label, total=len(todo))
-        while pending:
-            done, not_done = wait(pending, timeout=interval)
-            yield from done
-            pending = list(not_done)
+class _ParameterProgress:
+    """A progress bar of the parameters split so far, while the batches run: a thread
+    counts the run's completed parameters every second or so (less often when listing them
+    takes long: at most 5 % of the time goes to looking). A failed count keeps the last."""
+
+    def __init__(self, store: DecompositionRun, todo: list[str], label: str) -> None:
+        self._store, self._wanted, self._label = store, set(todo), label
+        self._stop = threading.Event()
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("parameters"),
+            TimeElapsedColumn(),
+        )
+
+    def __enter__(self) -> _ParameterProgress:
+        self._progress.start()
+        self._bar = self._progress.add_task(self._label, total=len(self._wanted))
+        self._thread = threading.Thread(target=self._poll, name="tvsplit-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def _count(self) -> None:
+        try:
+            done = len(self._store.completed() & self._wanted)
+        except Exception:  # a transient listing error: keep the last count
+            return
+        self._progress.update(self._bar, completed=done)
+
+    def _poll(self) -> None:
+        interval = 1.0
+        while not self._stop.wait(interval):
             started = time.perf_counter()
-            progress.update(bar, completed=len(store.completed() & wanted))
+            self._count()
             interval = max(1.0, 20 * (time.perf_counter() - started))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._count()
+        self._progress.stop()
 
 
 HEATMAP = "shared_energy_heatmap.png"

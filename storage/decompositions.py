@@ -183,6 +183,34 @@ def list_runs(catalogue: Catalogue, family: str) -> list[tuple[str, dict[str, An
     return sorted((name, dict(sub.attrs.get(ATTRS, {}))) for name, sub in group.groups())
 
 
+def _unpack(
+    array: zarr.Array, fingerprints: Mapping[str, str], skip: set[str]
+) -> dict[str, dict[str, Any]]:
+    """The entries of one complete pack made from the given members' fingerprints."""
+    attrs = dict(array.attrs.get(ATTRS, {}))
+    if attrs.get("status") != COMPLETE:
+        return {}
+    wanted = [
+        entry
+        for entry in attrs["entries"]
+        if entry["member"] not in skip and fingerprints.get(entry["member"]) == entry["fingerprint"]
+    ]
+    if not wanted:
+        return {}
+    packed = torch.from_numpy(np.ascontiguousarray(array[...]))
+    rows = int(attrs["left_rows"])
+    found = {}
+    for entry in wanted:
+        columns = slice(entry["offset"], entry["offset"] + entry["rank"])
+        found[entry["member"]] = {
+            "left": packed[:rows, columns],
+            "right": packed[rows:, columns],
+            "sigma": torch.tensor(entry["sigma"], dtype=torch.float32),
+            "attrs": entry["attrs"],
+        }
+    return found
+
+
 class BasisCache:
     """Member bases cached per (family, settings key, parameter), written in packs.
 
@@ -205,7 +233,8 @@ class BasisCache:
 
     def prepare(self) -> None:
         """Create the settings folder up front: concurrent jobs creating the same new group
-        race in zarr (one of them fails with ContainsGroupError)."""
+        race in zarr (one of them fails with ContainsGroupError); the per-parameter folders
+        below it are created with their first pack, which does not race."""
         self.catalogue.family_group(self.family, self._folder(), create=True)
 
     def get(self, name: str, fingerprints: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -219,29 +248,9 @@ class BasisCache:
         found: dict[str, dict[str, Any]] = {}
         for _, array in group.arrays():
             try:
-                attrs = dict(array.attrs.get(ATTRS, {}))
-            except Exception:  # metadata cut short by a crash
+                found |= _unpack(array, fingerprints, set(found))
+            except Exception:  # cut short by a crash, or not a pack: a cache miss, not an error
                 continue
-            if attrs.get("status") != COMPLETE or not isinstance(attrs.get("entries"), list):
-                continue
-            wanted = [
-                entry
-                for entry in attrs["entries"]
-                if entry["member"] not in found
-                and fingerprints.get(entry["member"]) == entry["fingerprint"]
-            ]
-            if not wanted:
-                continue
-            packed = torch.from_numpy(np.ascontiguousarray(array[...]))
-            rows = int(attrs["left_rows"])
-            for entry in wanted:
-                columns = slice(entry["offset"], entry["offset"] + entry["rank"])
-                found[entry["member"]] = {
-                    "left": packed[:rows, columns],
-                    "right": packed[rows:, columns],
-                    "sigma": torch.tensor(entry["sigma"], dtype=torch.float32),
-                    "attrs": entry["attrs"],
-                }
         return found
 
     def put(self, name: str, bases: Mapping[str, tuple[str, ArrayMap, Mapping[str, Any]]]) -> None:
@@ -282,9 +291,10 @@ class BasisCache:
         )
         if self._handle is None:
             self._handle = self.catalogue.family_subtree(self.family, self._folder())
-        group = self._handle.require_group(param_key(name))
-        array = group.create_array(
-            name=pack,
+        # One call creating the parameter's folder and the pack: zarr writes missing parents
+        # only if absent, so jobs of two runs writing the same parameter do not collide.
+        array = self._handle.create_array(
+            name=f"{param_key(name)}/{pack}",
             shape=tuple(packed.shape),
             dtype="float32",
             chunks=row_chunks(packed.shape),

@@ -194,6 +194,9 @@ class LayerSplit:
     are C_i = Sᵀ A_i (k × n), or Sᵀ A_i R (k × k') two-sided, so shared_i = S C_i (or
     S C_i Rᵀ) and unique_i = A_i − shared_i. ``shared`` and ``unique`` have shape
     (T, *param_shape) and the input dtype.
+
+    ``oriented`` is a view of the deltas the split was made from (float32 or float64 input
+    is not copied): change them in place and the derived ``unique`` changes with them.
     """
 
     method: str

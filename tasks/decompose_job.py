@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 from collections import Counter, deque
@@ -33,6 +34,8 @@ from tasks.decompose import (
     split_from_bases,
     split_to_arrays,
 )
+
+_log = logging.getLogger(__name__)
 
 
 class SplitSettings(BaseModel):
@@ -198,10 +201,10 @@ class _Job:
         try:
             for entry, row in zip(self.entries, deltas.unbind(0), strict=True):
                 entry.read_into(name, row)
+            return _Inputs(name, deltas, self.cache.get(name, self.fingerprints))
         except BaseException:
             self.buffers.give(deltas)
             raise
-        return _Inputs(name, deltas, self.cache.get(name, self.fingerprints))
 
     def split(self, inputs: _Inputs) -> _Outputs:
         """The math: member bases (cached ones reused), then the split. No I/O."""
@@ -228,8 +231,15 @@ class _Job:
         return _Outputs(name, arrays, diagnostics, new_bases, str(self.target))
 
     def write(self, outputs: _Outputs) -> dict[str, Any]:
-        """Cache the new bases, then store the result (marked complete last); the report."""
-        self.cache.put(outputs.name, outputs.new_bases)
+        """Cache the new bases, then store the result (marked complete last); the report.
+        A cache write that fails is logged and skipped: it costs a recomputation later,
+        never a result."""
+        try:
+            self.cache.put(outputs.name, outputs.new_bases)
+        except Exception as error:
+            _log.warning(
+                "%s: member bases not cached (%s: %s)", outputs.name, type(error).__name__, error
+            )
         self.store.write_parameter(outputs.name, outputs.arrays, outputs.diagnostics)
         return {
             **outputs.diagnostics,
@@ -266,8 +276,17 @@ def decompose_parameter(
 
 
 READ_AHEAD = 2  # parameters read while one is split: hides a large read behind a small split
-READ_AHEAD_BYTES = 512 << 20  # ... unless that much is already being read (an embedding)
+READ_AHEAD_BYTES = 512 << 20  # beyond the next parameter, no more than this read ahead
 WRITES_IN_FLIGHT = 4  # results (small: bases and coefficients) queued for the writer
+
+
+def may_read_ahead(in_flight: Sequence[int], following: int) -> bool:
+    """Whether to start reading a parameter of `following` bytes while reads of
+    `in_flight` bytes are not yet split: always when nothing is (it is needed next), else
+    while fewer than ``READ_AHEAD`` are and all of them fit in ``READ_AHEAD_BYTES``."""
+    if not in_flight:
+        return True
+    return len(in_flight) < READ_AHEAD and sum(in_flight) + following <= READ_AHEAD_BYTES
 
 
 def decompose_parameters(
@@ -286,9 +305,10 @@ def decompose_parameters(
 
     Returns the reports of the parameters written and the error of each that failed (the
     others go on). Memory is bounded whatever the number of parameters: the slices of the
-    parameter being split, of at most ``READ_AHEAD`` read ahead (no more than
-    ``READ_AHEAD_BYTES`` beyond the next one), a reusable buffer or two per recurring shape,
-    and ``WRITES_IN_FLIGHT`` compact results.
+    parameter being split and of the next one, whatever their size; more read ahead (up to
+    ``READ_AHEAD`` parameters) only while the reads in flight stay within
+    ``READ_AHEAD_BYTES``; a reusable buffer or two per recurring shape; and
+    ``WRITES_IN_FLIGHT`` compact results.
     """
     reports: list[dict[str, Any]] = []
     failures: dict[str, Exception] = {}
@@ -312,13 +332,7 @@ def decompose_parameters(
         writes: deque[tuple[str, Future]] = deque()
 
         def read_ahead() -> None:
-            while upcoming and (
-                not reads
-                or (
-                    len(reads) < READ_AHEAD
-                    and sum(size[n] for n, _ in reads) + size[upcoming[0]] <= READ_AHEAD_BYTES
-                )
-            ):
+            while upcoming and may_read_ahead([size[n] for n, _ in reads], size[upcoming[0]]):
                 following = upcoming.popleft()
                 reads.append((following, reading.submit(job.load, following, shapes[following])))
 

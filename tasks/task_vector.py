@@ -18,9 +18,22 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
+ENERGY_CHUNK = 1 << 20  # elements converted to float64 at a time
+
+
 def energy(tensor: torch.Tensor) -> float:
-    """‖tensor‖² (squared Frobenius norm), accumulated in float64 without a float64 copy."""
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+    """‖tensor‖² (squared Frobenius norm), accumulated in float64.
+
+    Row blocks of about a million elements at a time: the float64 temporary stays at 8 MB
+    whatever the tensor's size (a whole-tensor float64 norm copies it, twice its size for
+    float32)."""
+    if tensor.ndim == 0 or tensor.numel() <= ENERGY_CHUNK:
+        return float(torch.linalg.vector_norm(tensor, dtype=torch.float64)) ** 2
+    rows = max(1, ENERGY_CHUNK // max(1, tensor[0].numel()))
+    return sum(
+        float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+        for block in tensor.split(rows)
+    )
 
 
 def parameter_delta(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:

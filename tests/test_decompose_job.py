@@ -3,6 +3,8 @@ slices into reused buffers, and the Prefect run settings."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -97,6 +99,72 @@ def test_a_failing_parameter_leaves_the_others_written(family, monkeypatch):
     assert len(reports) == len(PARAMS) - 1
 
 
+def test_a_failing_write_is_reported_and_the_rest_written(family, monkeypatch):
+    cat, _ = family
+    settings = SplitSettings()
+    run, fingerprints = _begin(cat, settings)
+    real = DecompositionRun.write_parameter
+
+    def flaky(self, name, arrays, diagnostics):
+        if name == "head.weight":
+            raise OSError("disk full")
+        return real(self, name, arrays, diagnostics)
+
+    monkeypatch.setattr(DecompositionRun, "write_parameter", flaky)
+    reports, failures = decompose_parameters(
+        cat.url, "fam", run, list(PARAMS), MEMBERS, fingerprints, settings
+    )
+    assert list(failures) == ["head.weight"] and isinstance(failures["head.weight"], OSError)
+    assert DecompositionRun(cat, "fam", run).completed() == set(PARAMS) - {"head.weight"}
+    assert len(reports) == len(PARAMS) - 1
+
+
+def test_a_failing_cache_write_costs_no_result(family, monkeypatch):
+    cat, _ = family
+    settings = SplitSettings()
+    run, fingerprints = _begin(cat, settings)
+
+    def broken(self, name, bases):
+        raise OSError("read-only cache")
+
+    monkeypatch.setattr(BasisCache, "put", broken)
+    _, failures = decompose_parameters(
+        cat.url, "fam", run, list(PARAMS), MEMBERS, fingerprints, settings
+    )
+    assert failures == {}
+    assert DecompositionRun(cat, "fam", run).completed() == set(PARAMS)
+
+
+def test_read_ahead_is_bounded_in_count_and_bytes():
+    budget = job.READ_AHEAD_BYTES
+    assert job.may_read_ahead([], 10 * budget)  # the next parameter is read whatever its size
+    assert job.may_read_ahead([1] * (job.READ_AHEAD - 1), 1)
+    assert not job.may_read_ahead([1] * job.READ_AHEAD, 1)
+    assert not job.may_read_ahead([budget // 2], budget // 2 + 1)
+    assert not job.may_read_ahead([10 * budget], 1)  # nothing more beside an embedding
+
+
+def test_a_family_in_an_fsspec_store(monkeypatch):
+    cat = Catalogue("memory://tvsplit-job-test/catalogue.zarr")
+    vectors = _vectors()
+    for i, member in enumerate(MEMBERS):
+        writer = cat.writer("fam", member, {"source": f"synthetic:{member}"})
+        for name, stack in vectors.items():
+            writer.write(name, stack[i], {"source": "synthetic"})
+        writer.finish(list(PARAMS), {"source": f"synthetic:{member}"})
+    settings = SplitSettings()
+    run, fingerprints = _begin(cat, settings)
+    _, failures = decompose_parameters(
+        cat.url, "fam", run, list(PARAMS), MEMBERS, fingerprints, settings
+    )
+    assert failures == {}
+    stored = DecompositionRun(cat, "fam", run).read_parameter("head.weight")
+    rebuilt = split_from_arrays(stored.arrays, stored.diagnostics, vectors["head.weight"])
+    assert torch.allclose(rebuilt.shared, decompose_layer(vectors["head.weight"]).shared, atol=1e-6)
+    found = BasisCache(cat, "fam", settings.basis_key()).get("head.weight", fingerprints)
+    assert sorted(found) == MEMBERS
+
+
 def test_a_member_with_another_shape_is_named(family):
     cat, _ = family
     writer = cat.writer("fam", "odd", {"source": "synthetic:odd"})
@@ -161,6 +229,31 @@ def test_basis_packs_keep_each_members_entry_and_fingerprint(family):
     found = cache.get("p.weight", {"a": "fa", "b": "fb", "c": "fc"})
     assert sorted(found) == ["a", "b", "c"] and found["c"]["left"].shape == (6, 0)
     assert cache.get("other.weight", {"a": "fa"}) == {}
+
+
+def test_packs_written_at_once_for_one_new_parameter_are_both_found(family):
+    cat, _ = family
+    attrs = {"shape": [6, 5], "side": "left", "rule": "fixed", "solver": "full"}
+    BasisCache(cat, "fam", "b-test").prepare()
+    start = threading.Barrier(2)
+    errors = []
+
+    def put(member: str, seed: int) -> None:
+        cache = BasisCache(Catalogue(cat.url), "fam", "b-test")  # as two jobs would
+        start.wait()
+        try:
+            cache.put("new.weight", {member: (f"f{member}", _basis(6, 5, 2, seed), attrs)})
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=put, args=(m, i)) for i, m in enumerate("ab")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    found = BasisCache(cat, "fam", "b-test").get("new.weight", {"a": "fa", "b": "fb"})
+    assert sorted(found) == ["a", "b"]
 
 
 def test_an_unfinished_pack_is_not_used(family):
