@@ -37,9 +37,8 @@ def _vectors() -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture
-def family(tmp_path) -> tuple[Catalogue, dict[str, torch.Tensor]]:
-    cat = Catalogue(str(tmp_path / "catalogue.zarr"))
+def _write_family(url: str) -> tuple[Catalogue, dict[str, torch.Tensor]]:
+    cat = Catalogue(url)
     vectors = _vectors()
     for i, member in enumerate(MEMBERS):
         writer = cat.writer("fam", member, {"source": f"synthetic:{member}"})
@@ -47,6 +46,11 @@ def family(tmp_path) -> tuple[Catalogue, dict[str, torch.Tensor]]:
             writer.write(name, stack[i], {"source": "synthetic"})
         writer.finish(list(PARAMS), {"source": f"synthetic:{member}"})
     return cat, vectors
+
+
+@pytest.fixture
+def family(tmp_path) -> tuple[Catalogue, dict[str, torch.Tensor]]:
+    return _write_family(str(tmp_path / "catalogue.zarr"))
 
 
 def _begin(cat: Catalogue, settings: SplitSettings) -> tuple[str, dict[str, str]]:
@@ -144,14 +148,8 @@ def test_read_ahead_is_bounded_in_count_and_bytes():
     assert not job.may_read_ahead([10 * budget], 1)  # nothing more beside an embedding
 
 
-def test_a_family_in_an_fsspec_store(monkeypatch):
-    cat = Catalogue("memory://tvsplit-job-test/catalogue.zarr")
-    vectors = _vectors()
-    for i, member in enumerate(MEMBERS):
-        writer = cat.writer("fam", member, {"source": f"synthetic:{member}"})
-        for name, stack in vectors.items():
-            writer.write(name, stack[i], {"source": "synthetic"})
-        writer.finish(list(PARAMS), {"source": f"synthetic:{member}"})
+def test_a_family_in_an_fsspec_store():
+    cat, vectors = _write_family("memory://tvsplit-job-test/catalogue.zarr")
     settings = SplitSettings()
     run, fingerprints = _begin(cat, settings)
     _, failures = decompose_parameters(
