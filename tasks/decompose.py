@@ -68,18 +68,17 @@ def _resolve_side(shape: torch.Size, side: str) -> str:
     return side
 
 
-def _orient(delta: torch.Tensor, side: str) -> torch.Tensor:
-    """View one member's delta as the oriented matrix A in its compute dtype."""
-    matrix = delta.reshape(-1, 1) if delta.ndim == 1 else delta.reshape(delta.shape[0], -1)
-    matrix = matrix.to(_compute_dtype(delta.dtype))
-    return matrix if side == "left" else matrix.mT
-
-
 def _orient_stack(stack: torch.Tensor, side: str) -> torch.Tensor:
-    """``_orient`` over a stack (T, *shape) → (T, m, n): a view when no dtype change is
-    needed (no copy of the family's deltas)."""
+    """View a stack of deltas (T, *shape) as the oriented matrices A (T, m, n) in their
+    compute dtype: a view when no dtype change is needed (no copy of the family's deltas);
+    a 1-D parameter is a column."""
     matrices = stack.reshape(stack.shape[0], stack.shape[1], -1).to(_compute_dtype(stack.dtype))
     return matrices if side == "left" else matrices.mT
+
+
+def _orient(delta: torch.Tensor, side: str) -> torch.Tensor:
+    """``_orient_stack`` of one member's delta."""
+    return _orient_stack(delta[None], side)[0]
 
 
 def _restore(
