@@ -28,8 +28,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.decompose import decompose_layer, member_basis, split_from_bases
-from tasks.synthetic import planted_family, recovery
+from tvsplit.tasks.decompose import decompose_layer, member_basis, split_from_bases
+from tvsplit.tasks.synthetic import planted_family, recovery
 
 METHODS = ("mean-projector", "projector-product", "pairwise")
 

@@ -40,9 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2_shapes import block_shapes
-
-from storage.model_folder import ModelFolderWriter
-from tasks.edit import EditInputs, apply_edit
+from tvsplit.storage.model_folder import ModelFolderWriter
+from tvsplit.tasks.edit import EditInputs, apply_edit
 
 MERGEKIT = Path("/tmp/mergekit-venv/bin/mergekit-yaml")
 MEMBERS = 4

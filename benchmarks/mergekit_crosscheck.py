@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.edit import EditInputs, apply_edit
+from tvsplit.tasks.edit import EditInputs, apply_edit
 
 VENV = Path("/tmp/mergekit-venv")
 MERGEKIT = VENV / "bin" / "mergekit-yaml"

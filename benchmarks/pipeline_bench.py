@@ -47,13 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decompose_bench import PeakRSS
-
-from flows.decompose import run_decompose
-from storage.catalogue import Catalogue
-from storage.decompositions import DecompositionRun
-from tasks.decompose import decompose_layer, split_to_arrays
-from tasks.decompose_job import SplitSettings
-from tasks.synthetic import planted_family
+from tvsplit.flows.decompose import run_decompose
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.decompositions import DecompositionRun
+from tvsplit.tasks.decompose import decompose_layer, split_to_arrays
+from tvsplit.tasks.decompose_job import SplitSettings
+from tvsplit.tasks.synthetic import planted_family
 
 logging.getLogger("distributed").setLevel(logging.WARNING)
 

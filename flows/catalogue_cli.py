@@ -13,9 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from flows.cli import app
-from flows.settings import load_settings, prefect_run_settings
+from tvsplit.flows.cli import app
+from tvsplit.flows.settings import load_settings, prefect_run_settings
 
 catalogue_app = typer.Typer(help="Inspect and edit the catalogue.", no_args_is_help=True)
 app.add_typer(catalogue_app, name="catalogue")
@@ -62,7 +61,7 @@ def ingest_command(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Fetch every source of SPEC and store its base weights and task vectors."""
-    from flows.ingest import USER_ERRORS, IngestFailedError, ingest
+    from tvsplit.flows.ingest import USER_ERRORS, IngestFailedError, ingest
 
     url = load_settings(catalogue=catalogue).catalogue
     try:
@@ -81,7 +80,7 @@ def ingest_command(
 @catalogue_app.command("ls")
 def ls_command(catalogue: str | None = CatalogueOption) -> None:
     """List families with their base and members (complete ones; partial ones marked)."""
-    from storage.catalogue import Catalogue
+    from tvsplit.storage.catalogue import Catalogue
 
     cat = Catalogue(load_settings(catalogue=catalogue).catalogue)
     families = cat.families()
@@ -109,8 +108,8 @@ def show_command(
 ) -> None:
     """Show a family's entries, its decomposition runs with their settings, and with
     --param one parameter's spectrum against the chance level and the threshold used."""
-    from storage.catalogue import Catalogue
-    from storage.errors import StorageError
+    from tvsplit.storage.catalogue import Catalogue
+    from tvsplit.storage.errors import StorageError
 
     cat = Catalogue(load_settings(catalogue=catalogue).catalogue)
     try:
@@ -142,8 +141,8 @@ def show_command(
 
 def _show_runs(cat, family: str, param: str | None, only: str | None) -> None:
     """Decomposition runs of a family (settings, status) and, for --param, its spectrum."""
-    from storage.decompositions import DecompositionRun, list_runs
-    from tasks.report import spectrum_text
+    from tvsplit.storage.decompositions import DecompositionRun, list_runs
+    from tvsplit.tasks.report import spectrum_text
 
     runs = [(name, attrs) for name, attrs in list_runs(cat, family) if only in (None, name)]
     if only and not runs:
@@ -189,7 +188,7 @@ def rm_command(
     catalogue: str | None = CatalogueOption,
 ) -> None:
     """Delete one entry (a family's base, or one member) from the catalogue."""
-    from storage.catalogue import Catalogue, entry_label
+    from tvsplit.storage.catalogue import Catalogue, entry_label
 
     cat = Catalogue(load_settings(catalogue=catalogue).catalogue)
     try:

@@ -32,11 +32,11 @@ def demo(
     (zoo → ingest → decompose → evaluate → edit → MLflow → RESULTS.md). A rerun reuses the
     zoo, the catalogue and the decomposition runs."""
     if planted:
-        from flows.demo import run_demo
+        from tvsplit.flows.demo import run_demo
 
         run_demo(size=size, members=members, noise=noise, seed=seed)
         return
-    from flows.vision import print_summary, vision_suite
+    from tvsplit.flows.vision import print_summary, vision_suite
 
     print_summary(vision_suite(preset=preset))
 
@@ -54,7 +54,7 @@ def evaluate_vision(
     track: bool = typer.Option(True, help="Log to MLflow (parent run, one nested run per method)."),
 ) -> None:
     """Does merging with shared parts beat the baselines on real images? (vision suite)"""
-    from flows.vision import print_summary, vision_suite
+    from tvsplit.flows.vision import print_summary, vision_suite
 
     if preset not in ("full", "small"):
         raise typer.BadParameter("use full or small", param_hint="--preset")
@@ -70,5 +70,5 @@ def evaluate_vision(
     )
 
 
-import flows.catalogue_cli  # noqa: E402  (registers `ingest` and `catalogue ...`)
-import flows.decompose_cli  # noqa: E402, F401  (registers `decompose`)
+import tvsplit.flows.catalogue_cli  # noqa: E402  (registers `ingest` and `catalogue ...`)
+import tvsplit.flows.decompose_cli  # noqa: E402, F401  (registers `decompose`)

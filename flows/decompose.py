@@ -31,20 +31,24 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from flows.settings import Settings, load_settings, prefect_run_settings
-from flows.tracking import use_experiment
-from storage.catalogue import Catalogue
-from storage.decompositions import BasisCache, DecompositionRun
-from storage.errors import CatalogueError
-from tasks.decompose_job import (
+from tvsplit.flows.settings import Settings, load_settings, prefect_run_settings
+from tvsplit.flows.tracking import use_experiment
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.decompositions import BasisCache, DecompositionRun
+from tvsplit.storage.errors import CatalogueError
+from tvsplit.tasks.decompose_job import (
     SplitSettings,
     decompose_batch_task,
     member_fingerprint,
     plan_batches,
     run_id,
 )
-from tasks.report import chance_warnings, shared_energy_heatmap, spectrum_figure, summary_rows
+from tvsplit.tasks.report import (
+    chance_warnings,
+    shared_energy_heatmap,
+    spectrum_figure,
+    summary_rows,
+)
 
 
 class DecomposeError(RuntimeError):

@@ -8,9 +8,8 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-
-from flows.cli import app
-from flows.settings import load_settings, prefect_run_settings
+from tvsplit.flows.cli import app
+from tvsplit.flows.settings import load_settings, prefect_run_settings
 
 _out = Console()
 _err = Console(stderr=True)
@@ -55,10 +54,10 @@ def decompose_command(
     track: bool = typer.Option(True, help="Log the run to MLflow."),
 ) -> None:
     """Split every parameter of FAMILY into shared and unique parts (resumable)."""
-    from flows.decompose import DecomposeError, run_decompose
-    from flows.tracking import ui_hint
-    from storage.errors import StorageError
-    from tasks.decompose_job import SplitSettings
+    from tvsplit.flows.decompose import DecomposeError, run_decompose
+    from tvsplit.flows.tracking import ui_hint
+    from tvsplit.storage.errors import StorageError
+    from tvsplit.tasks.decompose_job import SplitSettings
 
     try:
         settings = SplitSettings(
@@ -120,12 +119,12 @@ def edit_command(
     track: bool = typer.Option(True, help="Log the recipe and lineage to MLflow."),
 ) -> None:
     """Build an edited model from RECIPE, tensor by tensor, into a loadable folder."""
-    from flows.edit import edit_model
-    from flows.recipe import RecipeError
-    from flows.tracking import ui_hint
-    from storage.errors import StorageError
-    from tasks.edit import EditError
-    from tasks.edit_job import EditPlanError
+    from tvsplit.flows.edit import edit_model
+    from tvsplit.flows.recipe import RecipeError
+    from tvsplit.flows.tracking import ui_hint
+    from tvsplit.storage.errors import StorageError
+    from tvsplit.tasks.edit import EditError
+    from tvsplit.tasks.edit_job import EditPlanError
 
     try:
         with prefect_run_settings():
@@ -162,7 +161,7 @@ def serve_command(
     set PREFECT_API_URL, e.g. after `prefect server start`)."""
     import os
 
-    from flows.schedule import decompose_catalogue
+    from tvsplit.flows.schedule import decompose_catalogue
 
     if not os.environ.get("PREFECT_API_URL"):
         _fail(

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 from rich.table import Table
-
-from tasks.decompose import LayerSplit, decompose_layer
-from tasks.synthetic import Recovery, planted_family, recovery
+from tvsplit.tasks.decompose import LayerSplit, decompose_layer
+from tvsplit.tasks.synthetic import Recovery, planted_family, recovery
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,14 @@ from typing import Any
 import yaml
 from prefect import flow, task
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from flows.recipe import Recipe, load_recipe
-from flows.settings import load_settings
-from flows.tracking import use_experiment
-from storage.catalogue import Catalogue
-from storage.model_folder import ModelFolderWriter
-from storage.sources import open_source
-from tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
-from tasks.lora_export import write_lora_adapter
+from tvsplit.flows.recipe import Recipe, load_recipe
+from tvsplit.flows.settings import load_settings
+from tvsplit.flows.tracking import use_experiment
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.model_folder import ModelFolderWriter
+from tvsplit.storage.sources import open_source
+from tvsplit.tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
+from tvsplit.tasks.lora_export import write_lora_adapter
 
 
 @dataclass

@@ -28,12 +28,11 @@ from prefect.states import State
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from storage.errors import StorageError
-from storage.names import check_node_name
-from storage.sources import parse_source
-from tasks.ingest import FAILED, IngestJob, IngestResult, ingest_source
-from tasks.task_vector import TaskVectorError
+from tvsplit.storage.errors import StorageError
+from tvsplit.storage.names import check_node_name
+from tvsplit.storage.sources import parse_source
+from tvsplit.tasks.ingest import FAILED, IngestJob, IngestResult, ingest_source
+from tvsplit.tasks.task_vector import TaskVectorError
 
 NOT_RUN = "not run"
 

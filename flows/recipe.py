@@ -37,8 +37,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from tasks.edit import EditError, EditMethod, MemberParams, get_method
+from tvsplit.tasks.edit import EditError, EditMethod, MemberParams, get_method
 
 __all__ = ["Recipe", "RecipeError", "RecipeMember", "check_members", "load_recipe", "parse_recipe"]
 

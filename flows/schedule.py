@@ -17,11 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-
-from flows.decompose import DecomposeError, run_decompose
-from flows.settings import load_settings
-from storage.catalogue import Catalogue
-from tasks.decompose_job import SplitSettings
+from tvsplit.flows.decompose import DecomposeError, run_decompose
+from tvsplit.flows.settings import load_settings
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.tasks.decompose_job import SplitSettings
 
 
 @flow(name="tvsplit-decompose-catalogue", log_prints=True)

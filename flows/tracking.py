@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flows.settings import Settings
+from tvsplit.flows.settings import Settings
 
 
 def tracking_uri(settings: Settings) -> str:

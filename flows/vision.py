@@ -20,17 +20,16 @@ from typing import Any
 import yaml
 from prefect import flow
 from rich.console import Console
-
-from flows.decompose import run_decompose
-from flows.edit import edit_model
-from flows.ingest import ingest, parse_spec
-from flows.settings import load_settings
-from flows.tracking import ui_hint, use_experiment
-from tasks.decompose_job import SplitSettings, stored_shared_parts
-from tasks.suites.vision.benchmark import BenchmarkConfig, BenchmarkResult, run_benchmark
-from tasks.suites.vision.merging import Family
-from tasks.suites.vision.report import bar_chart, markdown_table, verdict, write_results
-from tasks.suites.vision.zoo import Zoo, ZooConfig, build_zoo, default_zoo_dir
+from tvsplit.flows.decompose import run_decompose
+from tvsplit.flows.edit import edit_model
+from tvsplit.flows.ingest import ingest, parse_spec
+from tvsplit.flows.settings import load_settings
+from tvsplit.flows.tracking import ui_hint, use_experiment
+from tvsplit.tasks.decompose_job import SplitSettings, stored_shared_parts
+from tvsplit.tasks.suites.vision.benchmark import BenchmarkConfig, BenchmarkResult, run_benchmark
+from tvsplit.tasks.suites.vision.merging import Family
+from tvsplit.tasks.suites.vision.report import bar_chart, markdown_table, verdict, write_results
+from tvsplit.tasks.suites.vision.zoo import Zoo, ZooConfig, build_zoo, default_zoo_dir
 
 EXPORTED_METHOD = "shared_ta[one-sided]"
 
@@ -128,8 +127,8 @@ def vision_suite(
         overwrite=True, track=track, show_progress=show_progress,
     )  # fmt: skip
     outcome.model_dir = edited.output
-    from tasks.suites.vision.evaluate import Evaluator
-    from tasks.suites.vision.model import load_backbone
+    from tvsplit.tasks.suites.vision.evaluate import Evaluator
+    from tvsplit.tasks.suites.vision.model import load_backbone
 
     evaluator = Evaluator(zoo.load_tasks(), zoo.heads(), load_backbone(zoo.base_dir).config)
     outcome.model_test = evaluator.evaluate(edited.output, "test")

@@ -29,15 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from tvsplit.storage.errors import CatalogueError
+from tvsplit.storage.names import check_node_name, param_key, param_name
+from tvsplit.storage.provenance import tvsplit_version, utc_now
 from zarr.abc.store import Store
 from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
-
-from storage.errors import CatalogueError
-from storage.names import check_node_name, param_key, param_name
-from storage.provenance import tvsplit_version, utc_now
 
 ATTRS = "tvsplit"
 COMPLETE = "complete"

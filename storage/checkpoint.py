@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-
-from storage.errors import PickleRefusedError, SourceError
+from tvsplit.storage.errors import PickleRefusedError, SourceError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TASK_VECTOR_KIND = "task_vector"

@@ -25,12 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from tvsplit.storage.catalogue import ATTRS, COMPLETE, PARTIAL, Catalogue, row_chunks
+from tvsplit.storage.errors import CatalogueError
+from tvsplit.storage.names import check_node_name, param_key, param_name
+from tvsplit.storage.provenance import tvsplit_version, utc_now
 from zarr.codecs import ZstdCodec
-
-from storage.catalogue import ATTRS, COMPLETE, PARTIAL, Catalogue, row_chunks
-from storage.errors import CatalogueError
-from storage.names import check_node_name, param_key, param_name
-from storage.provenance import tvsplit_version, utc_now
 
 ArrayMap = Mapping[str, torch.Tensor]
 

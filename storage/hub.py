@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.errors import SourceError, SourceUnavailableError
+from tvsplit.storage.errors import SourceError, SourceUnavailableError
 
 ALLOW_PATTERNS = [
     "*.safetensors",

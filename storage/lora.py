@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from storage.checkpoint import PICKLE_SUFFIXES, Checkpoint
-from storage.errors import SourceError
+from tvsplit.storage.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from tvsplit.storage.errors import SourceError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -30,8 +30,7 @@ from types import TracebackType
 
 import torch
 from safetensors.torch import save_file
-
-from storage.errors import StorageError
+from tvsplit.storage.errors import StorageError
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from storage.checkpoint import (
+from tvsplit.storage.checkpoint import (
     KIND_METADATA_KEY,
     PICKLE_SUFFIXES,
     TASK_VECTOR_KIND,
@@ -26,10 +26,10 @@ from storage.checkpoint import (
     file_metadata,
     refuse_pickle,
 )
-from storage.errors import SourceError
-from storage.hub import check_repo_id, fetch
-from storage.lora import ADAPTER_CONFIG, LoraAdapter
-from storage.provenance import sha256_file
+from tvsplit.storage.errors import SourceError
+from tvsplit.storage.hub import check_repo_id, fetch
+from tvsplit.storage.lora import ADAPTER_CONFIG, LoraAdapter
+from tvsplit.storage.provenance import sha256_file
 
 SourceKind = Literal["model", "lora", "delta"]
 DELTA_PREFIX = "delta:"

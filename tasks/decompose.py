@@ -26,9 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
-from tasks.ranks import RankRule, choose_rank, parse_rank_rule
-from tasks.subspaces import (
+from tvsplit.tasks.ranks import RankRule, choose_rank, parse_rank_rule
+from tvsplit.tasks.subspaces import (
     mean_projector,
     mean_projector_chance,
     pairwise,
@@ -36,7 +35,7 @@ from tasks.subspaces import (
     projector_product,
     projector_product_chance,
 )
-from tasks.task_vector import all_finite, energy
+from tvsplit.tasks.task_vector import all_finite, energy
 
 METHODS = ("mean-projector", "projector-product", "pairwise")
 SIDES = ("left", "right", "auto")

@@ -23,10 +23,9 @@ from typing import Any, Literal
 import torch
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
-
-from storage.catalogue import Catalogue
-from storage.decompositions import BasisCache, DecompositionRun
-from tasks.decompose import (
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.decompositions import BasisCache, DecompositionRun
+from tvsplit.tasks.decompose import (
     basis_from_arrays,
     basis_to_arrays,
     member_basis,

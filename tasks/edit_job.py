@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-
-from storage.catalogue import Catalogue
-from storage.decompositions import DecompositionRun
-from storage.errors import CatalogueError
-from tasks.decompose import shared_from_arrays
-from tasks.edit import EditInputs, apply_edit
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.decompositions import DecompositionRun
+from tvsplit.storage.errors import CatalogueError
+from tvsplit.tasks.decompose import shared_from_arrays
+from tvsplit.tasks.edit import EditInputs, apply_edit
 
 
 class EditPlanError(ValueError):

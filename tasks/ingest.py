@@ -26,13 +26,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
-
-from storage.catalogue import Catalogue, entry_label
-from storage.checkpoint import Checkpoint
-from storage.errors import CatalogueError, SourceError, StorageError
-from storage.keymatch import PREFIXES, match_names
-from storage.sources import OpenedSource, open_source
-from tasks.task_vector import TaskVectorError, parameter_delta, task_vector
+from tvsplit.storage.catalogue import Catalogue, entry_label
+from tvsplit.storage.checkpoint import Checkpoint
+from tvsplit.storage.errors import CatalogueError, SourceError, StorageError
+from tvsplit.storage.keymatch import PREFIXES, match_names
+from tvsplit.storage.sources import OpenedSource, open_source
+from tvsplit.tasks.task_vector import TaskVectorError, parameter_delta, task_vector
 
 SKIPPED, INGESTED, RESUMED, FAILED = "skipped", "ingested", "resumed", "failed"
 USER_ERRORS = (StorageError, TaskVectorError)

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-
-from storage.model_folder import atomic_folder
+from tvsplit.storage.model_folder import atomic_folder
 
 __all__ = [
     "LoraExportError",

@@ -19,8 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-
-from tasks.task_vector import energy
+from tvsplit.tasks.task_vector import energy
 
 RULES = ("gavish-donoho", "energy", "fixed", "fraction")
 OVERSAMPLE = 10

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 import zarr
-
-from storage.catalogue import CHUNK_MAX, Catalogue, row_chunks
-from storage.errors import CatalogueError
-from storage.names import param_key, param_name
+from tvsplit.storage.catalogue import CHUNK_MAX, Catalogue, row_chunks
+from tvsplit.storage.errors import CatalogueError
+from tvsplit.storage.names import param_key, param_name
 
 FP = {"source": "test", "commit": None}
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from tvsplit.flows.cli import app
+from tvsplit.flows.demo import run_demo
 from typer.testing import CliRunner
-
-from flows.cli import app
-from flows.demo import run_demo
 
 
 def test_demo_finds_every_planted_direction():

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tasks.decompose import (
+from tvsplit.tasks.decompose import (
     decompose_layer,
     member_basis,
     split_from_bases,
 )
-from tasks.synthetic import planted_family, principal_angles_deg, recovery
+from tvsplit.tasks.synthetic import planted_family, principal_angles_deg, recovery
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import tasks.decompose_job as job
-from flows.decompose import DecomposeError, run_decompose
-from storage.catalogue import Catalogue
-from storage.decompositions import DecompositionRun, list_runs
-from tasks.decompose import decompose_layer, split_from_arrays
-from tasks.decompose_job import SplitSettings
-from tasks.synthetic import planted_family
+import tvsplit.tasks.decompose_job as job
+from tvsplit.flows.decompose import DecomposeError, run_decompose
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.decompositions import DecompositionRun, list_runs
+from tvsplit.tasks.decompose import decompose_layer, split_from_arrays
+from tvsplit.tasks.decompose_job import SplitSettings
+from tvsplit.tasks.synthetic import planted_family
 
 PARAMS = {
     "blocks.0.mlp.weight": (40, 24),
@@ -183,9 +182,8 @@ def test_tracked_in_mlflow_with_plots(prefect_harness, catalogue, tmp_path, monk
 
 
 def test_cli_decompose_then_show_the_spectrum(prefect_harness, catalogue):
+    from tvsplit.flows.cli import app
     from typer.testing import CliRunner
-
-    from flows.cli import app
 
     runner = CliRunner()
     args = ["decompose", "fam", "--catalogue", catalogue.url, "--min-tasks", "2", "--no-track"]
@@ -215,7 +213,7 @@ def test_cli_decompose_then_show_the_spectrum(prefect_harness, catalogue):
 
 
 def test_repository_wide_decomposition(prefect_harness, catalogue):
-    from flows.schedule import decompose_catalogue
+    from tvsplit.flows.schedule import decompose_catalogue
 
     writer = catalogue.writer("solo", None, {"source": "synthetic:solo"})
     writer.write("w", torch.zeros(4, 4), {"source": "synthetic"})
@@ -239,7 +237,7 @@ def test_deployment_entrypoints_are_flows_with_those_parameters():
     for deployment in spec["deployments"]:
         module, _, name = deployment["entrypoint"].partition(":")
         target = getattr(
-            importlib.import_module(module.removesuffix(".py").replace("/", ".")), name
+            importlib.import_module("tvsplit." + module.removesuffix(".py").replace("/", ".")), name
         )
         assert isinstance(target, Flow), deployment["name"]
         accepted = inspect.signature(target.fn).parameters

@@ -7,13 +7,17 @@ import threading
 
 import pytest
 import torch
-
-import tasks.decompose_job as job
-from storage.catalogue import ATTRS, Catalogue
-from storage.decompositions import BasisCache, DecompositionRun
-from tasks.decompose import decompose_layer, split_from_arrays
-from tasks.decompose_job import SplitSettings, decompose_parameters, member_fingerprint, run_id
-from tasks.synthetic import planted_family
+import tvsplit.tasks.decompose_job as job
+from tvsplit.storage.catalogue import ATTRS, Catalogue
+from tvsplit.storage.decompositions import BasisCache, DecompositionRun
+from tvsplit.tasks.decompose import decompose_layer, split_from_arrays
+from tvsplit.tasks.decompose_job import (
+    SplitSettings,
+    decompose_parameters,
+    member_fingerprint,
+    run_id,
+)
+from tvsplit.tasks.synthetic import planted_family
 
 MEMBERS = ["m0", "m1", "m2", "m3"]
 # Several parameters of each shape, so the job's slice buffers are reused many times.
@@ -278,8 +282,7 @@ def test_read_into_fills_the_buffer_and_names_a_wrong_shape(family):
 
 def test_no_heartbeats_on_the_ephemeral_api_only():
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
-
-    from flows.settings import prefect_run_settings
+    from tvsplit.flows.settings import prefect_run_settings
 
     with temporary_settings(updates={PREFECT_API_URL: None}):
         default = get_current_settings().flows.heartbeat_frequency

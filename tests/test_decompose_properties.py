@@ -7,8 +7,7 @@ import math
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from tasks.decompose import decompose_layer
+from tvsplit.tasks.decompose import decompose_layer
 
 SHAPES = st.one_of(
     st.tuples(st.integers(2, 40)),  # 1-D: bias, norm scale

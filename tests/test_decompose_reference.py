@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tasks.decompose import decompose_layer
-from tasks.synthetic import planted_family
+from tvsplit.tasks.decompose import decompose_layer
+from tvsplit.tasks.synthetic import planted_family
 
 
 def reference_split(deltas: np.ndarray, threshold: float, max_rank_fraction: float):

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flows.recipe import RecipeError, check_members, load_recipe, parse_recipe
-from tasks.decompose import decompose_layer
-from tasks.edit import (
+from tvsplit.flows.recipe import RecipeError, check_members, load_recipe, parse_recipe
+from tvsplit.tasks.decompose import decompose_layer
+from tvsplit.tasks.edit import (
     EditError,
     EditInputs,
     ScaleParams,

@@ -6,14 +6,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
-from flows.decompose import run_decompose
-from flows.edit import edit_model
-from flows.ingest import ingest
-from flows.recipe import RecipeError
-from storage.catalogue import Catalogue
-from tasks.decompose import decompose_layer
-from tasks.edit_job import EditPlanError
+from tvsplit.flows.decompose import run_decompose
+from tvsplit.flows.edit import edit_model
+from tvsplit.flows.ingest import ingest
+from tvsplit.flows.recipe import RecipeError
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.tasks.decompose import decompose_layer
+from tvsplit.tasks.edit_job import EditPlanError
 
 WPE = "transformer.wpe.weight"
 
@@ -38,7 +37,7 @@ def pipeline(repos, tmp_path_factory, prefect_harness):
     spec_path.write_text(yaml.safe_dump(spec))
     url = str(root / "catalogue.zarr")
     ingest(spec_path, url, progress=False)
-    from tasks.decompose_job import SplitSettings
+    from tvsplit.tasks.decompose_job import SplitSettings
 
     result = run_decompose(
         "tiny",

@@ -14,10 +14,9 @@ import pytest
 import yaml
 import zarr
 from fixtures_models import lora_adapter
+from tvsplit.flows.cli import app
+from tvsplit.flows.ingest import IngestFailedError, SpecError, ingest, load_spec, parse_spec
 from typer.testing import CliRunner
-
-from flows.cli import app
-from flows.ingest import IngestFailedError, SpecError, ingest, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,8 +156,8 @@ def test_failures_are_reported_per_source_and_exit_nonzero(
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    import storage.catalogue as catalogue
-    from storage.names import param_key
+    import tvsplit.storage.catalogue as catalogue
+    from tvsplit.storage.names import param_key
 
     limit = int(sys.argv[1])
     calls = 0
@@ -177,7 +176,7 @@ KILLER = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     catalogue.EntryWriter.write = write
-    from flows.cli import app
+    from tvsplit.flows.cli import app
     app(sys.argv[2:])
     """
 )
@@ -226,9 +225,8 @@ def test_kill_and_resume_matches_a_clean_ingest(prefect_harness, family, tmp_pat
 
 def test_only_network_errors_are_retried() -> None:
     from prefect.states import Failed
-
-    from storage.errors import SourceError, SourceUnavailableError
-    from tasks.ingest import _network_error, ingest_source
+    from tvsplit.storage.errors import SourceError, SourceUnavailableError
+    from tvsplit.tasks.ingest import _network_error, ingest_source
 
     assert ingest_source.retries == 3 and ingest_source.retry_condition_fn is _network_error
     assert _network_error(None, None, Failed(data=SourceUnavailableError("hub down")))

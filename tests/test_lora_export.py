@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from tasks.lora_export import LoraExportError, lora_from_delta, write_lora_adapter
+from tvsplit.tasks.lora_export import LoraExportError, lora_from_delta, write_lora_adapter
 
 
 def low_rank(out: int, inp: int, rank: int, seed: int) -> torch.Tensor:

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-
-from storage.model_folder import (
+from tvsplit.storage.model_folder import (
     INDEX_FILE,
     ModelFolderError,
     ModelFolderWriter,

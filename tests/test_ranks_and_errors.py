@@ -7,11 +7,15 @@ import typing
 
 import pytest
 import torch
-
-from tasks.decompose import DecompositionError, decompose_layer, member_basis, split_from_bases
-from tasks.ranks import RankRuleError, mp_bottom_energy_fraction, parse_rank_rule
-from tasks.subspaces import mean_projector, mean_projector_chance
-from tasks.task_vector import TaskVectorError, task_vector
+from tvsplit.tasks.decompose import (
+    DecompositionError,
+    decompose_layer,
+    member_basis,
+    split_from_bases,
+)
+from tvsplit.tasks.ranks import RankRuleError, mp_bottom_energy_fraction, parse_rank_rule
+from tvsplit.tasks.subspaces import mean_projector, mean_projector_chance
+from tvsplit.tasks.task_vector import TaskVectorError, task_vector
 
 
 def _low_rank(m: int, n: int, r: int, seed: int = 0) -> torch.Tensor:

@@ -21,13 +21,12 @@ from fixtures_models import (
     rewrite,
 )
 from safetensors.torch import load_file, save_file
-
-from storage.catalogue import Catalogue
-from storage.errors import PickleRefusedError, SourceError
-from storage.provenance import sha256_file
-from storage.sources import open_source, parse_source, task_vector_metadata
-from tasks.ingest import IngestJob, run_ingest_job
-from tasks.task_vector import TaskVectorError
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.errors import PickleRefusedError, SourceError
+from tvsplit.storage.provenance import sha256_file
+from tvsplit.storage.sources import open_source, parse_source, task_vector_metadata
+from tvsplit.tasks.ingest import IngestJob, run_ingest_job
+from tvsplit.tasks.task_vector import TaskVectorError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,7 +242,7 @@ def test_hub_download_against_loopback_server(repos, tmp_path) -> None:
     script = textwrap.dedent(
         """
         import json, sys
-        from storage.sources import open_source
+        from tvsplit.storage.sources import open_source
         opened = open_source(sys.argv[1])
         print(json.dumps({"commit": opened.commit, "folder": str(opened.location),
                           "n": len(opened.checkpoint), "files": opened.checksums()}))

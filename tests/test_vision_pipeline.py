@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from flows.vision import EXPORTED_METHOD, vision_suite
-from tasks.decompose_job import stored_shared_parts
-from tasks.suites.vision.benchmark import BenchmarkConfig
-from tasks.suites.vision.merging import load_family, split_family
+from tvsplit.flows.vision import EXPORTED_METHOD, vision_suite
+from tvsplit.tasks.decompose_job import stored_shared_parts
+from tvsplit.tasks.suites.vision.benchmark import BenchmarkConfig
+from tvsplit.tasks.suites.vision.merging import load_family, split_family
 
 
 @pytest.fixture(scope="module")

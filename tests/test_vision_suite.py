@@ -11,13 +11,12 @@ import pickle
 
 import pytest
 import torch
-
-from tasks.suites.vision import baselines, data
-from tasks.suites.vision.benchmark import BenchmarkConfig, run_benchmark
-from tasks.suites.vision.merging import edit_state, load_family, split_family
-from tasks.suites.vision.model import load_backbone
-from tasks.suites.vision.report import bar_chart, markdown_table, verdict, write_results
-from tasks.suites.vision.zoo import ZooConfig, ZooError, build_zoo
+from tvsplit.tasks.suites.vision import baselines, data
+from tvsplit.tasks.suites.vision.benchmark import BenchmarkConfig, run_benchmark
+from tvsplit.tasks.suites.vision.merging import edit_state, load_family, split_family
+from tvsplit.tasks.suites.vision.model import load_backbone
+from tvsplit.tasks.suites.vision.report import bar_chart, markdown_table, verdict, write_results
+from tvsplit.tasks.suites.vision.zoo import ZooConfig, ZooError, build_zoo
 
 SIZES = data.SplitSizes(train=300, val=50, test=60)
 
@@ -133,7 +132,7 @@ def test_iso_c_flattens_the_spectrum_and_iso_cts_reduces_to_it():
 
 @pytest.fixture(scope="module")
 def zoo(vision_data_root):
-    from tasks.suites.vision.zoo import default_zoo_dir
+    from tvsplit.tasks.suites.vision.zoo import default_zoo_dir
 
     torch.set_num_threads(2)
     config = ZooConfig.small()
@@ -172,7 +171,7 @@ def test_zoo_is_reused_and_guards_its_config(zoo):
 
 
 def test_catalogue_spec_is_a_valid_ingest_spec(zoo):
-    from flows.ingest import parse_spec
+    from tvsplit.flows.ingest import parse_spec
 
     spec = parse_spec(zoo.catalogue_spec())
     family = spec.families[zoo.family_name(0)]

@@ -1,4 +1,4 @@
-"""Console entry point `tvsplit` (the app itself lives in `flows.cli`).
+"""Console entry point `tvsplit` (the app itself lives in `tvsplit.flows.cli`).
 
 Quiet, offline-friendly defaults for the engines, set before they are imported; a user's
 own environment always wins.
@@ -18,7 +18,7 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 logging.getLogger("distributed").setLevel(logging.WARNING)
 
-from flows.cli import app  # noqa: E402
+from tvsplit.flows.cli import app  # noqa: E402
 
 __all__ = ["app"]
 

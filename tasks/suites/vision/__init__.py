@@ -3,7 +3,7 @@ methods and baselines, metrics and the RESULTS.md report (plain functions; flows
 
 Entry points::
 
-    from tasks.suites.vision import ZooConfig, build_zoo, run_benchmark, write_results
+    from tvsplit.tasks.suites.vision import ZooConfig, build_zoo, run_benchmark, write_results
 
     zoo = build_zoo(folder, ZooConfig.full())          # reuses a finished zoo
     spec = zoo.catalogue_spec()                         # ingest: one family per seed
@@ -16,16 +16,16 @@ Iso-CTS), ``merging`` (merged state dicts, splits, shared-part alignment), ``ben
 ``report``.
 """
 
-from tasks.suites.vision.benchmark import (
+from tvsplit.tasks.suites.vision.benchmark import (
     BenchmarkConfig,
     BenchmarkResult,
     MethodResult,
     benchmark_seed,
     run_benchmark,
 )
-from tasks.suites.vision.data import SplitSizes, TaskData, load_suite, load_task, task_names
-from tasks.suites.vision.evaluate import Evaluator, accuracy, average, normalized
-from tasks.suites.vision.merging import (
+from tvsplit.tasks.suites.vision.data import SplitSizes, TaskData, load_suite, load_task, task_names
+from tvsplit.tasks.suites.vision.evaluate import Evaluator, accuracy, average, normalized
+from tvsplit.tasks.suites.vision.merging import (
     Family,
     edit_state,
     load_family,
@@ -34,8 +34,8 @@ from tasks.suites.vision.merging import (
     split_family,
     subspace_delta,
 )
-from tasks.suites.vision.report import bar_chart, results_markdown, verdict, write_results
-from tasks.suites.vision.zoo import Zoo, ZooConfig, ZooError, build_zoo, default_zoo_dir
+from tvsplit.tasks.suites.vision.report import bar_chart, results_markdown, verdict, write_results
+from tvsplit.tasks.suites.vision.zoo import Zoo, ZooConfig, ZooError, build_zoo, default_zoo_dir
 
 __all__ = [
     "BenchmarkConfig",

@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-
-from tasks.decompose_job import SplitSettings
-from tasks.suites.vision.data import TaskData
-from tasks.suites.vision.evaluate import Evaluator, average
-from tasks.suites.vision.merging import (
+from tvsplit.tasks.decompose_job import SplitSettings
+from tvsplit.tasks.suites.vision.data import TaskData
+from tvsplit.tasks.suites.vision.evaluate import Evaluator, average
+from tvsplit.tasks.suites.vision.merging import (
     Family,
     State,
     edit_state,
@@ -42,8 +41,8 @@ from tasks.suites.vision.merging import (
     split_family,
     subspace_delta,
 )
-from tasks.suites.vision.model import load_backbone
-from tasks.suites.vision.zoo import Zoo
+from tvsplit.tasks.suites.vision.model import load_backbone
+from tvsplit.tasks.suites.vision.zoo import Zoo
 
 log = logging.getLogger(__name__)
 

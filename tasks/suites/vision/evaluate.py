@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 from transformers import ConvNextConfig, ConvNextModel
-
-from tasks.suites.vision.data import TaskData
-from tasks.suites.vision.model import features, load_backbone
+from tvsplit.tasks.suites.vision.data import TaskData
+from tvsplit.tasks.suites.vision.model import features, load_backbone
 
 BackboneLike = ConvNextModel | str | Path | Mapping[str, torch.Tensor]
 

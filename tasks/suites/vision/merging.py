@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-
-from tasks.decompose import decompose_layer
-from tasks.decompose_job import SplitSettings
-from tasks.edit import EditInputs, apply_edit
-from tasks.suites.vision.baselines import iso_c, iso_cts, tsv_merge
+from tvsplit.tasks.decompose import decompose_layer
+from tvsplit.tasks.decompose_job import SplitSettings
+from tvsplit.tasks.edit import EditInputs, apply_edit
+from tvsplit.tasks.suites.vision.baselines import iso_c, iso_cts, tsv_merge
 
 State = dict[str, torch.Tensor]
 

@@ -18,8 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from transformers import ConvNextConfig, ConvNextModel
-
-from tasks.suites.vision.data import IMAGE_SIZE, to_pixels
+from tvsplit.tasks.suites.vision.data import IMAGE_SIZE, to_pixels
 
 
 class BackboneSpec(BaseModel):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.suites.vision.benchmark import SHARED_METHODS, BenchmarkResult
+from tvsplit.tasks.suites.vision.benchmark import SHARED_METHODS, BenchmarkResult
 
 CLAIM_POINTS = 5.0
 BASE_MERGE = {"shared_ta": "task_arithmetic", "shared_ties": "ties"}

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import ConvNextModel
-
-from tasks.suites.vision.data import to_pixels
-from tasks.suites.vision.model import feature_size, features
+from tvsplit.tasks.suites.vision.data import to_pixels
+from tvsplit.tasks.suites.vision.model import feature_size, features
 
 
 class TrainSpec(BaseModel):

@@ -36,24 +36,23 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import ConvNextModel
-
-from storage.model_folder import atomic_folder
-from tasks.suites.vision.data import (
+from tvsplit.storage.model_folder import atomic_folder
+from tvsplit.tasks.suites.vision.data import (
     SplitSizes,
     TaskData,
     load_suite,
     pooled_train_images,
     task_names,
 )
-from tasks.suites.vision.evaluate import accuracy
-from tasks.suites.vision.model import (
+from tvsplit.tasks.suites.vision.evaluate import accuracy
+from tvsplit.tasks.suites.vision.model import (
     BackboneSpec,
     load_backbone,
     load_head,
     new_backbone,
     save_head,
 )
-from tasks.suites.vision.training import TrainSpec, finetune, fit_probe, pretrain_rotation
+from tvsplit.tasks.suites.vision.training import TrainSpec, finetune, fit_probe, pretrain_rotation
 
 log = logging.getLogger(__name__)
 
