@@ -5,7 +5,12 @@ The layout is the one transformers writes and reads: one ``model.safetensors`` w
 everything fits in one shard, else ``model-00001-of-0000N.safetensors`` … plus
 ``model.safetensors.index.json`` (``{"metadata": {"total_size", "total_parameters"},
 "weight_map": {tensor: file}}``). Every shard carries the safetensors metadata
-``{"format": "pt"}`` that transformers checks.
+``{"format": "pt"}`` that transformers checks. When the base copied from is a diffusers
+folder (its ``config.json`` has diffusers' ``_class_name`` / ``_diffusers_version`` keys), the
+folder gets diffusers' names instead (``diffusion_pytorch_model.safetensors``, shards
+``diffusion_pytorch_model-00001-of-0000N.safetensors`` and
+``diffusion_pytorch_model.safetensors.index.json``), so ``UNet2DModel.from_pretrained`` and
+the like load it.
 
 Guarantees: the folder is built in a temporary folder beside the target
 (``.<name>.tmp-<random>``) and renamed into place only after the last file is written, so a
@@ -34,11 +39,15 @@ from tvsplit.storage.errors import StorageError
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
+    "DIFFUSERS_LAYOUT",
     "MODEL_FILES",
+    "TRANSFORMERS_LAYOUT",
     "ModelFolderError",
     "ModelFolderSummary",
     "ModelFolderWriter",
+    "WeightLayout",
     "atomic_folder",
+    "weight_layout",
     "write_model_folder",
 ]
 
@@ -66,6 +75,44 @@ MODEL_FILES = (
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """File names of one library's weights: ``<stem>.safetensors`` when unsharded, else
+    ``<stem>-00001-of-0000N.safetensors`` … and ``<stem>.safetensors.index.json``."""
+
+    stem: str
+
+    @property
+    def single_file(self) -> str:
+        return f"{self.stem}.safetensors"
+
+    @property
+    def index_file(self) -> str:
+        return f"{self.stem}.safetensors.index.json"
+
+    def shard(self, i: int, count: int) -> str:
+        return f"{self.stem}-{i:05d}-of-{count:05d}.safetensors"
+
+
+TRANSFORMERS_LAYOUT = WeightLayout("model")
+DIFFUSERS_LAYOUT = WeightLayout("diffusion_pytorch_model")
+
+
+def weight_layout(base_folder: str | Path | None) -> WeightLayout:
+    """Diffusers' layout when ``base_folder`` holds a diffusers ``config.json`` (one with
+    ``_class_name`` or ``_diffusers_version``), transformers' otherwise."""
+    if base_folder is None:
+        return TRANSFORMERS_LAYOUT
+    config = Path(base_folder) / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, ValueError):
+        return TRANSFORMERS_LAYOUT
+    if isinstance(data, dict) and ("_diffusers_version" in data or "_class_name" in data):
+        return DIFFUSERS_LAYOUT
+    return TRANSFORMERS_LAYOUT
 
 
 class ModelFolderError(StorageError):
@@ -132,7 +179,8 @@ class ModelFolderWriter:
 
     Tensors are written in the order added; a shard is closed when the next tensor would
     take it over ``max_shard_bytes`` (a tensor larger than the limit gets a shard of its
-    own), as transformers does.
+    own), as transformers does. ``layout`` names the files (default: diffusers' names when
+    ``copy_from`` is a diffusers folder, see ``weight_layout``; transformers' otherwise).
     """
 
     def __init__(
@@ -146,6 +194,7 @@ class ModelFolderWriter:
         extra_files: Mapping[str, str | bytes] | None = None,
         metadata: Mapping[str, str] | None = None,
         overwrite: bool = False,
+        layout: WeightLayout | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ModelFolderError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
@@ -155,6 +204,7 @@ class ModelFolderWriter:
         if self.copy_from is not None and not self.copy_from.is_dir():
             raise ModelFolderError(f"{self.copy_from}: base folder to copy files from not found")
         self.copy_files = copy_files
+        self.layout = layout or weight_layout(self.copy_from)
         self.model_card = model_card
         self.extra_files = dict(extra_files or {})
         self.metadata = {**(metadata or {}), "format": "pt"}
@@ -246,10 +296,11 @@ class ModelFolderWriter:
         if not self._shards:
             raise ModelFolderError(f"{self.target}: no tensors were added")
         count = len(self._shards)
+        layout = self.layout
         files = (
-            [SINGLE_FILE]
+            [layout.single_file]
             if count == 1
-            else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+            else [layout.shard(i, count) for i in range(1, count + 1)]
         )
         weight_map: dict[str, str] = {}
         for i, (names, file) in enumerate(zip(self._shards, files, strict=True), start=1):
@@ -263,7 +314,7 @@ class ModelFolderWriter:
                 },
                 "weight_map": dict(sorted(weight_map.items())),
             }
-            (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            (folder / layout.index_file).write_text(json.dumps(index, indent=2) + "\n")
         self._copy_side_files(folder)
         self.summary = ModelFolderSummary(
             path=self.target,

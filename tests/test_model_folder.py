@@ -153,3 +153,59 @@ def test_atomic_folder_renames_only_on_success(tmp_path: Path) -> None:
         (folder / "x.txt").write_text("x")
         assert not (tmp_path / "done").exists()
     assert (tmp_path / "done" / "x.txt").read_text() == "x"
+
+
+def tiny_unet_folder(path: Path):
+    """A tiny diffusers UNet2DModel saved by diffusers (config.json + weights)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, norm_num_groups=4,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+    )  # fmt: skip
+    unet.save_pretrained(path)
+    return path, unet
+
+
+@pytest.mark.parametrize("limit", [40_000, None], ids=["sharded", "single"])
+def test_diffusers_base_gives_a_folder_diffusers_loads(tmp_path: Path, limit: int | None) -> None:
+    from diffusers import UNet2DModel
+    from tvsplit.storage.model_folder import DIFFUSERS_LAYOUT, weight_layout
+    from tvsplit.storage.sources import open_source
+
+    base_dir, unet = tiny_unet_folder(tmp_path / "base")
+    assert weight_layout(base_dir) == DIFFUSERS_LAYOUT
+    g = torch.Generator().manual_seed(2)
+    edited = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in unet.state_dict().items()}
+    target = tmp_path / "edited"
+    options = {} if limit is None else {"max_shard_bytes": limit}
+    summary = write_model_folder(target, edited, copy_from=base_dir, **options)
+    files = {p.name for p in target.iterdir()}
+    assert "config.json" in files and not any(f.startswith("model") for f in files)
+    if limit is None:
+        assert summary.files == ("diffusion_pytorch_model.safetensors",)
+    else:
+        count = len(summary.files)
+        assert count >= 2
+        assert summary.files[0] == f"diffusion_pytorch_model-00001-of-{count:05d}.safetensors"
+        assert "diffusion_pytorch_model.safetensors.index.json" in files
+
+    loaded = UNet2DModel.from_pretrained(target)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, edited[name]), name
+    # the project's own reader opens the same folder (the next edit's base)
+    checkpoint = open_source(str(target)).checkpoint
+    assert checkpoint is not None and set(checkpoint) == set(edited)
+
+
+def test_transformers_config_keeps_transformers_names(tmp_path: Path) -> None:
+    from tvsplit.storage.model_folder import TRANSFORMERS_LAYOUT, weight_layout
+
+    base_dir, _ = tiny_gpt2_folder(tmp_path / "base")
+    assert weight_layout(base_dir) == TRANSFORMERS_LAYOUT
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    assert weight_layout(tmp_path / "broken") == TRANSFORMERS_LAYOUT
+    assert weight_layout(None) == TRANSFORMERS_LAYOUT
