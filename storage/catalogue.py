@@ -31,6 +31,7 @@ import torch
 import zarr
 from tvsplit.storage.errors import CatalogueError
 from tvsplit.storage.names import check_node_name, param_key, param_name
+from tvsplit.storage.object_store import storage_options
 from tvsplit.storage.provenance import tvsplit_version, utc_now
 from zarr.abc.store import Store
 from zarr.codecs import ZstdCodec
@@ -121,8 +122,9 @@ class Catalogue:
         if self._root is not None and (self._writable or not write):
             return self._root
         kwargs: dict[str, Any] = {"zarr_format": 3}
-        if self._storage_options and "://" in self.url:
-            kwargs["storage_options"] = self._storage_options
+        options = storage_options(self.url, self._storage_options)
+        if options:
+            kwargs["storage_options"] = options
         if write:
             self._root = zarr.open_group(store=self.url, mode="a", **kwargs)
             self._writable = True
