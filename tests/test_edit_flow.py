@@ -196,3 +196,33 @@ def test_edit_is_tracked_with_lineage(pipeline, tmp_path, monkeypatch):
     lineage = mlflow.artifacts.load_dict(f"runs:/{result.mlflow_run_id}/lineage.json")
     assert lineage["sources"]["ft1"]["source"].endswith("ft1")
     assert mlflow.get_run(result.mlflow_run_id).data.params["method"] == "task_arithmetic"
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "members"),
+    [
+        ("shared_augmented", {"merge": "ties", "density": 0.3, "scale": 0.8}, None),
+        ("unique_negation", {"scale": 0.7}, ["ft2"]),
+    ],
+)
+def test_suite_in_memory_edit_equals_the_edit_flow(pipeline, tmp_path, method, params, members):
+    """``FamilyTensors.state`` (the suites' in-memory edit) gives the tensors the edit flow
+    writes for the same recipe, exactly."""
+    from tvsplit.tasks.suites.edited import FamilyTensors
+
+    chosen = members or ["ft1", "ft2", "ft3"]
+    result = _edit(
+        pipeline, tmp_path, method=method, decomposition=pipeline["run"],
+        members=[{"name": m} for m in chosen], params=params,
+    )  # fmt: skip
+    written = _weights(result.output)
+    tensors = FamilyTensors(pipeline["url"], "tiny")
+    state = tensors.state(method, params, members=members, run=pipeline["run"])
+    assert set(state) == set(written) - {WPE}
+    for name, tensor in state.items():
+        assert tensor.dtype == written[name].dtype
+        assert torch.equal(tensor, written[name]), name
+    own = tensors.member_state("ft1")
+    ft1 = _weights(pipeline["ft1"])
+    for name, tensor in own.items():
+        torch.testing.assert_close(tensor, ft1[name], atol=1e-6, rtol=0)
