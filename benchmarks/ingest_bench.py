@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt2_shapes import block_shapes  # noqa: E402
-from tvsplit.storage.catalogue import ZSTD_LEVEL, row_chunks  # noqa: E402
+from tvsplit.storage.writes import ZSTD_LEVEL, row_chunks  # noqa: E402
 from tvsplit.tasks.ingest import IngestJob, run_ingest_job  # noqa: E402
 
 WIDTH, VOCAB, POSITIONS = 768, 50257, 1024

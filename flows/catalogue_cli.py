@@ -11,24 +11,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from tvsplit.flows.cli import app
+from tvsplit.flows.console import fail as _fail
+from tvsplit.flows.console import out as _out
 from tvsplit.flows.settings import load_settings, prefect_run_settings
 
+app = typer.Typer()  # `ingest` and the `catalogue` group; attached by tvsplit.flows.cli
 catalogue_app = typer.Typer(help="Inspect and edit the catalogue.", no_args_is_help=True)
 app.add_typer(catalogue_app, name="catalogue")
 
-_out = Console()
-_err = Console(stderr=True)
 CatalogueOption = typer.Option(
     None, "--catalogue", help="Catalogue path or fsspec URL (default: $TVSPLIT_CATALOGUE)."
 )
-
-
-def _fail(message: str) -> None:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def _report(rows: list[dict]) -> Table:

@@ -1,8 +1,10 @@
-"""The `tvsplit` command line: one typer app; each flow module adds its verbs."""
+"""The `tvsplit` command line: one typer app; the CLI leaf modules build their own apps
+(`catalogue_cli`, `decompose_cli`) and this module attaches them."""
 
 from __future__ import annotations
 
 import typer
+from tvsplit.flows import catalogue_cli, decompose_cli
 
 app = typer.Typer(
     name="tvsplit",
@@ -70,5 +72,6 @@ def evaluate_vision(
     )
 
 
-import tvsplit.flows.catalogue_cli  # noqa: E402  (registers `ingest` and `catalogue ...`)
-import tvsplit.flows.decompose_cli  # noqa: E402, F401  (registers `decompose`)
+# The leaves build their own apps and never import this module: no import circle.
+app.add_typer(catalogue_cli.app)  # `ingest`, `catalogue ls|show|rm`
+app.add_typer(decompose_cli.app)  # `decompose`, `edit`, `serve`

@@ -30,7 +30,7 @@ import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tvsplit.flows.console import progress_bars
 from tvsplit.flows.settings import Settings, load_settings, prefect_run_settings
 from tvsplit.flows.tracking import use_experiment
 from tvsplit.storage.catalogue import Catalogue
@@ -195,13 +195,7 @@ class _ParameterProgress:
     def __init__(self, store: DecompositionRun, todo: list[str], label: str) -> None:
         self._store, self._wanted, self._label = store, set(todo), label
         self._stop = threading.Event()
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("parameters"),
-            TimeElapsedColumn(),
-        )
+        self._progress = progress_bars(unit="parameters")
 
     def __enter__(self) -> _ParameterProgress:
         self._progress.start()

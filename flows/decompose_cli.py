@@ -1,4 +1,8 @@
-"""CLI verb `tvsplit decompose FAMILY`: split a family on a Dask cluster, tracked in MLflow."""
+"""CLI verbs `tvsplit decompose FAMILY`, `tvsplit edit RECIPE`, `tvsplit serve`: split a family
+on a Dask cluster, write an edited model, serve the nightly decomposition.
+
+This module builds its own typer app; `tvsplit.flows.cli` attaches it (no import of cli here).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,13 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
-from tvsplit.flows.cli import app
+from tvsplit.flows.console import fail as _fail
+from tvsplit.flows.console import out as _out
 from tvsplit.flows.settings import load_settings, prefect_run_settings
+from tvsplit.storage.errors import format_validation_error
 
-_out = Console()
-_err = Console(stderr=True)
-
-
-def _fail(message: str) -> None:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+app = typer.Typer()  # attached at the top level by tvsplit.flows.cli
 
 
 @app.command("decompose")
@@ -65,12 +64,7 @@ def decompose_command(
             max_rank_fraction=max_rank_fraction, side=side, two_sided=two_sided, one_d=one_d, seed=seed,
         )  # fmt: skip
     except ValidationError as error:
-        _fail(
-            "; ".join(
-                f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
-                for e in error.errors()
-            )
-        )
+        _fail(format_validation_error(error, flag=True))
     app_settings = load_settings(catalogue=catalogue)
     try:
         result = run_decompose(

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 from prefect import flow, task
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tvsplit.flows.console import progress_bars
 from tvsplit.flows.recipe import Recipe, load_recipe
 from tvsplit.flows.settings import load_settings
 from tvsplit.flows.tracking import use_experiment
@@ -69,16 +69,6 @@ def model_card(recipe: Recipe, sources: dict[str, Any], catalogue: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _progress(show: bool) -> Progress:
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    return Progress(*columns, disable=not show)
-
-
 @task(name="write-edited-model")
 def write_edited_model(
     recipe: Recipe, catalogue_url: str, output: Path, lora_rank: int | None, show_progress: bool
@@ -102,7 +92,7 @@ def write_edited_model(
     card = model_card(recipe, result.sources, catalogue_url)
     lora_deltas: list[tuple[str, Any]] = []
     with (
-        _progress(show_progress) as progress,
+        progress_bars(show_progress) as progress,
         ModelFolderWriter(
             output, copy_from=base.location if base.location.is_dir() else None, model_card=card
         ) as writer,

@@ -26,9 +26,9 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.states import State
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from tvsplit.storage.errors import StorageError
+from rich.progress import Progress
+from tvsplit.flows.console import progress_bars
+from tvsplit.storage.errors import StorageError, validation_problems
 from tvsplit.storage.names import check_node_name
 from tvsplit.storage.sources import parse_source
 from tvsplit.tasks.ingest import FAILED, IngestJob, IngestResult, ingest_source
@@ -95,12 +95,8 @@ def parse_spec(data: Any, where: str = "spec") -> CatalogueSpec:
     try:
         return CatalogueSpec.model_validate(data)
     except ValidationError as error:
-        lines = []
-        for item in error.errors():
-            field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            message = str(item["msg"]).removeprefix("Value error, ")
-            lines.append(f"{where}: {field}: {message}")
-        raise SpecError("\n".join(lines)) from None
+        lines = validation_problems(error)
+        raise SpecError("\n".join(f"{where}: {line}" for line in lines)) from None
 
 
 def load_spec(path: str | Path) -> CatalogueSpec:
@@ -145,18 +141,6 @@ class RichIngestProgress:
         self._progress.refresh()
 
 
-def _progress_bars(enabled: bool) -> Progress:
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal),
-    )
-
-
 @flow(name="tvsplit-ingest", log_prints=False, validate_parameters=False)
 def ingest_flow(
     spec: CatalogueSpec,
@@ -169,7 +153,7 @@ def ingest_flow(
     Per family the base runs first; when it fails, the members are reported "not run".
     """
     rows: list[dict[str, Any]] = []
-    with _progress_bars(progress) as bars:
+    with progress_bars(progress, terminal_only=True) as bars:
         for family, fspec in spec.families.items():
             common = {
                 "catalogue": catalogue,

@@ -23,7 +23,7 @@ the family's list of members.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,35 +37,18 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from tvsplit.storage.errors import (
+    PROBLEM_SEPARATOR,
+    format_validation_error,
+    validation_problems,
+)
 from tvsplit.tasks.edit import EditError, EditMethod, MemberParams, get_method
 
 __all__ = ["Recipe", "RecipeError", "RecipeMember", "check_members", "load_recipe", "parse_recipe"]
 
 
-_SEPARATOR = "\n"  # between the problems one model-validator error reports
-
-
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and every faulty field."""
-
-
-def _location(loc: Sequence[str | int]) -> str:
-    """('members', 1, 'weight') → 'members[1].weight'."""
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text or "(recipe)"
-
-
-def _error_lines(error: ValidationError, prefix: Sequence[str | int] = ()) -> list[str]:
-    lines = []
-    for item in error.errors(include_url=False):
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{_location([*prefix, *item['loc']])}: {message}")
-    return lines
 
 
 class RecipeMember(BaseModel):
@@ -136,16 +119,16 @@ class Recipe(BaseModel):
         try:
             self._method_params = edit.parse_params(self.params)
         except ValidationError as error:
-            problems += _error_lines(error, ("params",))
+            problems += validation_problems(error, ("params",))
         parsed: list[MemberParams] = []
         for i, member in enumerate(self.members):
             try:
                 parsed.append(edit.parse_members([member.method_fields()], 1)[0])
             except ValidationError as error:
-                problems += _error_lines(error, ("members", i))
+                problems += validation_problems(error, ("members", i))
         self._member_params = parsed
         if problems:
-            raise ValueError(_SEPARATOR.join(problems))
+            raise ValueError(PROBLEM_SEPARATOR.join(problems))
         return self
 
     @property
@@ -167,17 +150,6 @@ class Recipe(BaseModel):
         return [m.name for m in self.members]
 
 
-def _format(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors(include_url=False):
-        message = item["msg"].removeprefix("Value error, ")
-        if item["loc"]:
-            lines.append(f"{_location(item['loc'])}: {message}")
-        else:  # the model validator already names its fields, one problem per part
-            lines += message.split(_SEPARATOR)
-    return "\n".join(f"  - {line}" for line in lines)
-
-
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     """Validate a recipe from parsed YAML/JSON data; RecipeError lists every faulty field."""
     if not isinstance(data, dict):
@@ -188,7 +160,9 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        raise RecipeError(f"{source}: invalid recipe\n{_format(error)}") from None
+        raise RecipeError(
+            format_validation_error(error, source=f"{source}: invalid recipe", bullets=True)
+        ) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -33,41 +33,24 @@ from tvsplit.storage.errors import CatalogueError
 from tvsplit.storage.names import check_node_name, param_key, param_name
 from tvsplit.storage.object_store import storage_options
 from tvsplit.storage.provenance import tvsplit_version, utc_now
+from tvsplit.storage.writes import (
+    ATTRS,
+    COMPLETE,
+    ITEMSIZE,
+    PARTIAL,
+    float32_array,
+    is_complete,
+    mark_complete,
+    mark_partial,
+    node_attrs,
+    write_array,
+)
 from zarr.abc.store import Store
-from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
-ATTRS = "tvsplit"
-COMPLETE = "complete"
-PARTIAL = "partial"
-ZSTD_LEVEL = 1
-CHUNK_TARGET = 8 << 20
-CHUNK_MAX = 16 << 20
-_ITEMSIZE = 4
-
 Rows = slice | int | None
-
-
-def row_chunks(shape: Sequence[int], itemsize: int = _ITEMSIZE) -> tuple[int, ...]:
-    """Chunk shape for an array: whole rows, about 8 MiB per chunk (at most 16 MiB).
-
-    A row larger than 16 MiB is split along its next dimensions as well.
-    """
-    shape = tuple(int(s) for s in shape)
-    if not shape:
-        return ()
-    chunks = list(shape)
-    for axis in range(len(shape)):
-        inner = math.prod(chunks[axis + 1 :]) * itemsize
-        if inner * shape[axis] <= CHUNK_MAX:
-            break
-        if inner <= CHUNK_MAX:
-            chunks[axis] = max(1, min(shape[axis], CHUNK_TARGET // max(inner, 1)))
-            break
-        chunks[axis] = 1
-    return tuple(max(1, c) for c in chunks)
 
 
 @dataclass(frozen=True)
@@ -156,7 +139,7 @@ class Catalogue:
         group = self._group(entry_path(family, member))
         if group is None:
             return None
-        attrs = dict(group.attrs.get(ATTRS, {}))
+        attrs = node_attrs(group)
         return EntryInfo(family, member, str(attrs.get("status", PARTIAL)), attrs)
 
     def members(self, family: str, *, include_partial: bool = False) -> list[str]:
@@ -166,8 +149,7 @@ class Catalogue:
             return []
         names = []
         for name, sub in group.groups():
-            status = dict(sub.attrs.get(ATTRS, {})).get("status", PARTIAL)
-            if include_partial or status == COMPLETE:
+            if include_partial or is_complete(sub):
                 names.append(name)
         return sorted(names)
 
@@ -181,8 +163,7 @@ class Catalogue:
         group = self._group(entry_path(family, member))
         if group is None:
             raise CatalogueError(f"{self.url}: no entry {label}")
-        status = dict(group.attrs.get(ATTRS, {})).get("status", PARTIAL)
-        if status != COMPLETE:
+        if not is_complete(group):
             raise CatalogueError(
                 f"{self.url}: entry {label} is incomplete (an ingest stopped part-way); "
                 "rerun the ingest to finish it"
@@ -248,12 +229,14 @@ class Catalogue:
                 existing = None
         if existing is None:
             group = root.require_group(path)
-            group.attrs[ATTRS] = {
-                "status": PARTIAL,
-                "fingerprint": fingerprint,
-                "started": utc_now(),
-                "tvsplit_version": tvsplit_version(),
-            }
+            mark_partial(
+                group,
+                {
+                    "fingerprint": fingerprint,
+                    "started": utc_now(),
+                    "tvsplit_version": tvsplit_version(),
+                },
+            )
         else:
             group = root[path]
             assert isinstance(group, zarr.Group)
@@ -365,15 +348,7 @@ class EntryWriter:
 
     def completed(self) -> set[str]:
         """Names of the parameters already written completely (kept on resume)."""
-        done = set()
-        for key, array in self._group.arrays():
-            try:
-                attrs = dict(array.attrs.get(ATTRS, {}))
-            except Exception:  # a metadata document cut short by a crash: not complete
-                continue
-            if attrs.get("status") == COMPLETE:
-                done.add(param_name(key))
-        return done
+        return {param_name(key) for key, array in self._group.arrays() if is_complete(array)}
 
     def write(self, name: str, tensor: torch.Tensor | None, attrs: Mapping[str, Any]) -> int:
         """Store `tensor` as float32 under `name` with provenance `attrs`; return its bytes.
@@ -381,12 +356,8 @@ class EntryWriter:
         `tensor=None` with ``attrs["shape"]`` stores an all-zero array without writing any
         chunk (zarr's fill value). Overwrites an incomplete array of the same name.
         """
-        if tensor is not None:
-            shape = tuple(tensor.shape)
-            data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        else:
-            shape = tuple(int(s) for s in attrs["shape"])
-            data = None
+        data = None if tensor is None else float32_array(tensor)
+        shape = tuple(data.shape) if data is not None else tuple(int(s) for s in attrs["shape"])
         meta = {
             **attrs,
             "name": name,
@@ -395,20 +366,8 @@ class EntryWriter:
             "created": utc_now(),
             "tvsplit_version": tvsplit_version(),
         }
-        array = self._group.create_array(
-            name=param_key(name),
-            shape=shape,
-            dtype="float32",
-            chunks=row_chunks(shape),
-            compressors=ZstdCodec(level=ZSTD_LEVEL),
-            fill_value=0.0,
-            attributes={ATTRS: {**meta, "status": PARTIAL}},
-            overwrite=True,
-        )
-        if data is not None:
-            array[...] = data
-        array.attrs[ATTRS] = {**meta, "status": COMPLETE}
-        return math.prod(shape) * _ITEMSIZE
+        write_array(self._group, param_key(name), data, meta, shape=shape)
+        return math.prod(shape) * ITEMSIZE
 
     def finish(self, parameters: Sequence[str], attrs: Mapping[str, Any]) -> None:
         """Mark the entry complete with its manifest (`parameters`, in order) and `attrs`.
@@ -422,11 +381,12 @@ class EntryWriter:
                 f"entry {self.label}: cannot mark complete, {len(missing)} parameter(s) not "
                 f"written, first {missing[0]!r}"
             )
-        current = dict(self._group.attrs.get(ATTRS, {}))
-        self._group.attrs[ATTRS] = {
-            **current,
-            **attrs,
-            "status": COMPLETE,
-            "parameters": list(parameters),
-            "completed": utc_now(),
-        }
+        mark_complete(
+            self._group,
+            {
+                **node_attrs(self._group),
+                **attrs,
+                "parameters": list(parameters),
+                "completed": utc_now(),
+            },
+        )

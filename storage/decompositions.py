@@ -25,39 +25,28 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from tvsplit.storage.catalogue import ATTRS, COMPLETE, PARTIAL, Catalogue, row_chunks
+from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.errors import CatalogueError
 from tvsplit.storage.names import check_node_name, param_key, param_name
 from tvsplit.storage.provenance import tvsplit_version, utc_now
-from zarr.codecs import ZstdCodec
+from tvsplit.storage.writes import (
+    COMPLETE,
+    float32_array,
+    is_complete,
+    mark_complete,
+    mark_partial,
+    node_attrs,
+    write_array,
+    write_group,
+)
 
 ArrayMap = Mapping[str, torch.Tensor]
-
-
-def _write_arrays(group: zarr.Group, arrays: ArrayMap) -> None:
-    for key, tensor in arrays.items():
-        data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        group.create_array(
-            name=key,
-            data=data,
-            chunks=row_chunks(data.shape) if data.ndim else (),
-            compressors=ZstdCodec(level=1),
-            fill_value=0.0,
-            overwrite=True,
-        )
 
 
 def _read_arrays(group: zarr.Group) -> dict[str, torch.Tensor]:
     return {
         key: torch.from_numpy(np.ascontiguousarray(array[...])) for key, array in group.arrays()
     }
-
-
-def _status(node: zarr.Group) -> str:
-    try:
-        return str(dict(node.attrs.get(ATTRS, {})).get("status", PARTIAL))
-    except Exception:  # metadata cut short by a crash
-        return PARTIAL
 
 
 @dataclass(frozen=True)
@@ -97,20 +86,22 @@ class DecompositionRun:
     ) -> None:
         """Create the run (or keep an unfinished one with the same settings and members)."""
         group = self._group(create=True)
-        attrs = dict(group.attrs.get(ATTRS, {}))
+        attrs = node_attrs(group)
         if attrs.get("settings") == dict(settings) and attrs.get("members") == list(members):
             return
-        group.attrs[ATTRS] = {
-            "status": PARTIAL,
-            "settings": dict(settings),
-            "members": list(members),
-            "parameters": list(parameters),
-            "started": utc_now(),
-            "tvsplit_version": tvsplit_version(),
-        }
+        mark_partial(
+            group,
+            {
+                "settings": dict(settings),
+                "members": list(members),
+                "parameters": list(parameters),
+                "started": utc_now(),
+                "tvsplit_version": tvsplit_version(),
+            },
+        )
 
     def attrs(self) -> dict[str, Any]:
-        return dict(self._group().attrs.get(ATTRS, {}))
+        return node_attrs(self._group())
 
     def completed(self) -> set[str]:
         """Parameters whose results are completely written."""
@@ -118,29 +109,26 @@ class DecompositionRun:
             group = self._group()
         except CatalogueError:
             return set()
-        return {param_name(key) for key, sub in group.groups() if _status(sub) == COMPLETE}
+        return {param_name(key) for key, sub in group.groups() if is_complete(sub)}
 
     def write_parameter(self, name: str, arrays: ArrayMap, diagnostics: Mapping[str, Any]) -> None:
         """Store one parameter's arrays, then mark it complete with its diagnostics."""
         if self._handle is None:
             self._handle = self.catalogue.family_subtree(self.family, f"decompositions/{self.run}")
-        group = self._handle.create_group(  # replaces whatever an earlier attempt left
-            param_key(name), overwrite=True, attributes={ATTRS: {"status": PARTIAL, "name": name}}
+        write_group(
+            self._handle,
+            param_key(name),
+            {key: float32_array(tensor) for key, tensor in arrays.items()},
+            {**dict(diagnostics), "name": name, "created": utc_now()},
+            partial_attrs={"name": name},
         )
-        _write_arrays(group, arrays)
-        group.attrs[ATTRS] = {
-            **dict(diagnostics),
-            "name": name,
-            "status": COMPLETE,
-            "created": utc_now(),
-        }
 
     def _complete_parameter(self, name: str) -> zarr.Group:
         try:
             sub = self._group()[param_key(name)]
         except KeyError:
             raise CatalogueError(f"{self.label}: no parameter {name!r}") from None
-        if not isinstance(sub, zarr.Group) or _status(sub) != COMPLETE:
+        if not isinstance(sub, zarr.Group) or not is_complete(sub):
             raise CatalogueError(
                 f"{self.label}: parameter {name!r} is incomplete; rerun the decomposition"
             )
@@ -149,11 +137,11 @@ class DecompositionRun:
     def read_parameter(self, name: str) -> StoredSplit:
         """One parameter's stored split; raises CatalogueError when absent or incomplete."""
         sub = self._complete_parameter(name)
-        return StoredSplit(name, _read_arrays(sub), dict(sub.attrs[ATTRS]))
+        return StoredSplit(name, _read_arrays(sub), node_attrs(sub))
 
     def read_diagnostics(self, name: str) -> dict[str, Any]:
         """One parameter's diagnostics without its arrays (CatalogueError as above)."""
-        return dict(self._complete_parameter(name).attrs[ATTRS])
+        return node_attrs(self._complete_parameter(name))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Mark the run complete; raises CatalogueError naming a parameter still missing."""
@@ -165,12 +153,7 @@ class DecompositionRun:
                 f"{self.label}: cannot mark complete, {len(missing)} parameter(s) missing, "
                 f"first {missing[0]!r}"
             )
-        self._group().attrs[ATTRS] = {
-            **attrs,
-            **dict(summary),
-            "status": COMPLETE,
-            "completed": utc_now(),
-        }
+        mark_complete(self._group(), {**attrs, **dict(summary), "completed": utc_now()})
 
 
 def list_runs(catalogue: Catalogue, family: str) -> list[tuple[str, dict[str, Any]]]:
@@ -179,14 +162,14 @@ def list_runs(catalogue: Catalogue, family: str) -> list[tuple[str, dict[str, An
         group = catalogue.family_group(family, "decompositions")
     except CatalogueError:
         return []
-    return sorted((name, dict(sub.attrs.get(ATTRS, {}))) for name, sub in group.groups())
+    return sorted((name, node_attrs(sub)) for name, sub in group.groups())
 
 
 def _unpack(
     array: zarr.Array, fingerprints: Mapping[str, str], skip: set[str]
 ) -> dict[str, dict[str, Any]]:
     """The entries of one complete pack made from the given members' fingerprints."""
-    attrs = dict(array.attrs.get(ATTRS, {}))
+    attrs = node_attrs(array)
     if attrs.get("status") != COMPLETE:
         return {}
     wanted = [
@@ -292,15 +275,4 @@ class BasisCache:
             self._handle = self.catalogue.family_subtree(self.family, self._folder())
         # One call creating the parameter's folder and the pack: zarr writes missing parents
         # only if absent, so jobs of two runs writing the same parameter do not collide.
-        array = self._handle.create_array(
-            name=f"{param_key(name)}/{pack}",
-            shape=tuple(packed.shape),
-            dtype="float32",
-            chunks=row_chunks(packed.shape),
-            compressors=ZstdCodec(level=1),
-            fill_value=0.0,
-            attributes={ATTRS: {**meta, "status": PARTIAL}},
-            overwrite=True,
-        )
-        array[...] = packed.numpy()
-        array.attrs[ATTRS] = {**meta, "status": COMPLETE}
+        write_array(self._handle, f"{param_key(name)}/{pack}", packed.numpy(), meta)

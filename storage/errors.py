@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class StorageError(ValueError):
     """Bad input found while reading a source or the catalogue (retrying will not help)."""
@@ -24,3 +30,64 @@ class SourceUnavailableError(ConnectionError):
 
     A `ConnectionError`, so retry policies can tell it apart from bad input.
     """
+
+
+# --------------------------------------------------------------------------- validation errors
+# The one formatter of pydantic validation errors (specs, recipes, edit parameters, CLI
+# settings): every problem becomes one ``where: reason`` line.
+
+#: Between the problems one model validator reports in a single error (each already names
+#: its field): the formatter splits them back into lines of their own.
+PROBLEM_SEPARATOR = "\n"
+
+
+def error_location(loc: Sequence[str | int], *, flag: bool = False) -> str:
+    """``('members', 1, 'weight')`` → ``members[1].weight``; with ``flag`` the command-line
+    option of a settings field (``('max_rank_fraction',)`` → ``--max-rank-fraction``)."""
+    if flag:
+        return "--" + "-".join(str(part) for part in loc).replace("_", "-")
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def validation_problems(
+    error: ValidationError, prefix: Sequence[str | int] = (), *, flag: bool = False
+) -> list[str]:
+    """One ``field: reason`` line per problem of a pydantic ``ValidationError``; the field
+    is located under ``prefix`` (``params.density``, ``members[0].weight``, ``--threshold``).
+    A problem reported by a model validator (no location) keeps the field names it gives,
+    one line per part separated by ``PROBLEM_SEPARATOR``."""
+    lines: list[str] = []
+    for item in error.errors(include_url=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        loc = [*prefix, *item["loc"]]
+        if loc:
+            lines.append(f"{error_location(loc, flag=flag)}: {message}")
+        else:
+            lines += message.split(PROBLEM_SEPARATOR)
+    return lines
+
+
+def format_validation_error(
+    error: ValidationError,
+    *,
+    source: str | None = None,
+    prefix: Sequence[str | int] = (),
+    flag: bool = False,
+    bullets: bool = False,
+) -> str:
+    """A pydantic error as one message naming the file (``source``) and each faulty field.
+
+    ``bullets`` puts one problem per ``  - `` line under the source; otherwise the problems
+    are joined with ``; `` after ``source: ``."""
+    lines = validation_problems(error, prefix, flag=flag)
+    if bullets:
+        body = "\n".join(f"  - {line}" for line in lines)
+        return f"{source}\n{body}" if source else body
+    text = "; ".join(lines)
+    return f"{source}: {text}" if source else text

@@ -1,7 +1,8 @@
 """Hugging Face hub repositories fetched into the local hub cache.
 
-Only weights in safetensors form, their index, the model/generation config, tokenizer
-files and a LoRA ``adapter_config.json`` are fetched (pickle weights only when allowed).
+Only weights in safetensors form, their index, the side files of `storage.model_files`
+(configs, tokenizer and processor files, diffusers' component configs) and a LoRA
+``adapter_config.json`` are fetched (pickle weights only when allowed).
 The revision is resolved to a commit, which is recorded. The token comes from ``HF_TOKEN``
 (huggingface_hub's own lookup) and is never logged or stored. Remote code is never run:
 nothing here imports or executes anything from the repository.
@@ -15,23 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tvsplit.storage.errors import SourceError, SourceUnavailableError
+from tvsplit.storage.model_files import SIDE_FILE_PATTERNS, WEIGHT_PATTERNS
 
-ALLOW_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "adapter_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-]
+#: Weights in safetensors form, the side files a model folder carries (the one list of
+#: `storage.model_files`, diffusers folders included) and a LoRA adapter's config.
+ALLOW_PATTERNS = [*WEIGHT_PATTERNS, *SIDE_FILE_PATTERNS, "adapter_config.json"]
 PICKLE_PATTERNS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth"]
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

@@ -36,6 +36,7 @@ from types import TracebackType
 import torch
 from safetensors.torch import save_file
 from tvsplit.storage.errors import StorageError
+from tvsplit.storage.model_files import SIDE_FILE_NAMES, side_files
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
@@ -53,25 +54,9 @@ __all__ = [
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 
-#: Files copied from the base's folder when present (weights and README are never copied).
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
+#: Files copied from the base's folder when present (weights and README are never copied):
+#: the one list of `storage.model_files`, which the hub fetch uses too.
+MODEL_FILES = SIDE_FILE_NAMES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -189,7 +174,7 @@ class ModelFolderWriter:
         *,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         copy_from: str | Path | None = None,
-        copy_files: tuple[str, ...] = MODEL_FILES,
+        copy_files: tuple[str, ...] | None = None,
         model_card: str | None = None,
         extra_files: Mapping[str, str | bytes] | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -326,9 +311,11 @@ class ModelFolderWriter:
 
     def _copy_side_files(self, folder: Path) -> None:
         if self.copy_from is not None:
-            for name in self.copy_files:
+            names = side_files(self.copy_from) if self.copy_files is None else self.copy_files
+            for name in names:
                 source = self.copy_from / name
                 if source.is_file():
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(source, folder / name)
         for name, content in self.extra_files.items():
             if Path(name).name != name:

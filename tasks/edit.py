@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tvsplit.storage.errors import format_validation_error
 
 __all__ = [
     "EditError",
@@ -444,15 +445,6 @@ def get_method(name: str) -> EditMethod:
         ) from None
 
 
-def _describe(error: ValidationError, prefix: str) -> str:
-    """'params.density: Input should be ...; ...' from a pydantic error."""
-    parts = []
-    for item in error.errors(include_url=False):
-        where = ".".join([prefix, *map(str, item["loc"])])
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
 def apply_edit(
     method: str,
     inputs: EditInputs,
@@ -470,17 +462,15 @@ def apply_edit(
         parsed_params = edit.parse_params(params)
     except ValidationError as error:
         raise EditError(
-            f"{inputs.name!r}, method {method!r}: {_describe(error, 'params')}"
+            f"{inputs.name!r}, method {method!r}: {format_validation_error(error, prefix=('params',))}"
         ) from None
     parsed_members = []
     for i, item in enumerate([{}] * inputs.members if members is None else members):
         try:
             parsed_members += edit.parse_members([item], 1)
         except ValidationError as error:
-            where = f"members[{i}]"
-            raise EditError(
-                f"{inputs.name!r}, method {method!r}: {_describe(error, where)}"
-            ) from None
+            where = format_validation_error(error, prefix=("members", i))
+            raise EditError(f"{inputs.name!r}, method {method!r}: {where}") from None
     if len(parsed_members) != inputs.members:
         raise EditError(
             f"{inputs.name!r}: {len(parsed_members)} member parameter sets for "

@@ -31,7 +31,7 @@ from tvsplit.storage.checkpoint import Checkpoint
 from tvsplit.storage.errors import CatalogueError, SourceError, StorageError
 from tvsplit.storage.keymatch import PREFIXES, match_names
 from tvsplit.storage.sources import OpenedSource, open_source
-from tvsplit.tasks.task_vector import TaskVectorError, parameter_delta, task_vector
+from tvsplit.tasks.task_vector import TaskVectorError, all_finite, parameter_delta, task_vector
 
 SKIPPED, INGESTED, RESUMED, FAILED = "skipped", "ingested", "resumed", "failed"
 USER_ERRORS = (StorageError, TaskVectorError)
@@ -118,9 +118,7 @@ def checked_weights(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor
             f"{where}: parameter {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
             "only floating-point weights can be catalogued (exclude it in the spec)"
         )
-    # One fast reduction first (NaN/Inf propagate through a sum); the exact elementwise
-    # check runs only when the sum is not finite (a NaN/Inf, or a finite-value overflow).
-    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise TaskVectorError(f"{where}: parameter {name!r} contains NaN or Inf")
     return tensor
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tvsplit.storage.model_folder import atomic_folder
+from tvsplit.tasks.task_vector import all_finite
 
 __all__ = [
     "LoraExportError",
@@ -79,7 +80,7 @@ def lora_from_delta(
     if rank < 1:
         raise LoraExportError(f"{module}: rank must be ≥ 1, got {rank}")
     work = delta.to(torch.float64 if delta.dtype == torch.float64 else torch.float32)
-    if not torch.isfinite(work).all():
+    if not all_finite(work):
         raise LoraExportError(f"{module}: ΔW contains NaN or Inf")
     matrix = work.T if fan_in_fan_out else work  # (out, in), as PEFT's B @ A
     r = min(rank, *matrix.shape)

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 import zarr
-from tvsplit.storage.catalogue import CHUNK_MAX, Catalogue, row_chunks
+from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.errors import CatalogueError
 from tvsplit.storage.names import param_key, param_name
+from tvsplit.storage.writes import CHUNK_MAX, row_chunks
 
 FP = {"source": "test", "commit": None}
 

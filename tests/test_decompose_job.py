@@ -8,8 +8,9 @@ import threading
 import pytest
 import torch
 import tvsplit.tasks.decompose_job as job
-from tvsplit.storage.catalogue import ATTRS, Catalogue
+from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import BasisCache, DecompositionRun
+from tvsplit.storage.writes import ATTRS
 from tvsplit.tasks.decompose import decompose_layer, split_from_arrays
 from tvsplit.tasks.decompose_job import (
     SplitSettings,

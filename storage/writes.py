@@ -1,0 +1,142 @@
+"""The one write protocol of the catalogue: partial, then data, then complete.
+
+Every node tvsplit writes in Zarr (a catalogue entry's arrays, a decomposition run's
+parameter groups, a basis pack) carries its attrs under the ``tvsplit`` key, with a
+``status``. A node is created ``partial`` with its attrs, its data is written, and only
+then is it marked ``complete``: a reader trusts complete nodes only, so a crash at any
+point leaves nothing half-written that passes for complete, and a rerun redoes exactly the
+nodes that are not complete. A node whose metadata cannot be read (cut short by a crash)
+counts as partial.
+
+All arrays are float32, chunked by whole rows (`row_chunks`) and compressed with zstd at
+`ZSTD_LEVEL`, whoever writes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+ATTRS = "tvsplit"
+COMPLETE = "complete"
+PARTIAL = "partial"
+#: zstd level of every array tvsplit writes (1: fast; level 3 saves <2 % on float32 weights).
+ZSTD_LEVEL = 1
+CHUNK_TARGET = 8 << 20
+CHUNK_MAX = 16 << 20
+ITEMSIZE = 4  # float32
+
+
+def row_chunks(shape: Sequence[int], itemsize: int = ITEMSIZE) -> tuple[int, ...]:
+    """Chunk shape for an array: whole rows, about 8 MiB per chunk (at most 16 MiB).
+
+    A row larger than 16 MiB is split along its next dimensions as well.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        return ()
+    chunks = list(shape)
+    for axis in range(len(shape)):
+        inner = math.prod(chunks[axis + 1 :]) * itemsize
+        if inner * shape[axis] <= CHUNK_MAX:
+            break
+        if inner <= CHUNK_MAX:
+            chunks[axis] = max(1, min(shape[axis], CHUNK_TARGET // max(inner, 1)))
+            break
+        chunks[axis] = 1
+    return tuple(max(1, c) for c in chunks)
+
+
+def float32_array(tensor: torch.Tensor) -> np.ndarray:
+    """`tensor` as a contiguous float32 numpy array on the CPU (no copy when it is one)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+def node_attrs(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """The node's ``tvsplit`` attrs; empty when absent or unreadable (cut short by a crash)."""
+    try:
+        return dict(node.attrs.get(ATTRS, {}))
+    except Exception:
+        return {}
+
+
+def status(node: zarr.Group | zarr.Array) -> str:
+    """``complete`` or ``partial`` (an unreadable or unmarked node is partial)."""
+    return str(node_attrs(node).get("status", PARTIAL))
+
+
+def is_complete(node: zarr.Group | zarr.Array) -> bool:
+    return status(node) == COMPLETE
+
+
+def mark_partial(node: zarr.Group | zarr.Array, attrs: Mapping[str, Any]) -> None:
+    """Replace the node's attrs with `attrs`, marked partial (before its data is written)."""
+    node.attrs[ATTRS] = {**attrs, "status": PARTIAL}
+
+
+def mark_complete(node: zarr.Group | zarr.Array, attrs: Mapping[str, Any]) -> None:
+    """Replace the node's attrs with `attrs`, marked complete: call it after the data."""
+    node.attrs[ATTRS] = {**attrs, "status": COMPLETE}
+
+
+def write_array(
+    group: zarr.Group,
+    name: str,
+    data: np.ndarray | None,
+    attrs: Mapping[str, Any],
+    *,
+    shape: Sequence[int] | None = None,
+) -> zarr.Array:
+    """Write one float32 array under `name` by the protocol and return it.
+
+    ``data=None`` with ``shape`` stores an all-zero array without writing any chunk (zarr's
+    fill value). Replaces whatever an earlier attempt left under `name`; `name` may be a
+    path (missing parent groups are created in the same call, which does not race)."""
+    shape = tuple(data.shape if data is not None else (shape or ()))
+    array = group.create_array(
+        name=name,
+        shape=shape,
+        dtype="float32",
+        chunks=row_chunks(shape),
+        compressors=ZstdCodec(level=ZSTD_LEVEL),
+        fill_value=0.0,
+        attributes={ATTRS: {**attrs, "status": PARTIAL}},
+        overwrite=True,
+    )
+    if data is not None:
+        array[...] = data
+    mark_complete(array, attrs)
+    return array
+
+
+def write_group(
+    parent: zarr.Group,
+    name: str,
+    arrays: Mapping[str, np.ndarray],
+    attrs: Mapping[str, Any],
+    *,
+    partial_attrs: Mapping[str, Any] | None = None,
+) -> zarr.Group:
+    """Write a group of float32 arrays under `name` by the protocol: the group is created
+    partial (with `partial_attrs`), its arrays written, then it is marked complete with
+    `attrs`. Replaces whatever an earlier attempt left under `name`."""
+    group = parent.create_group(
+        name, overwrite=True, attributes={ATTRS: {**(partial_attrs or {}), "status": PARTIAL}}
+    )
+    for key, data in arrays.items():
+        group.create_array(
+            name=key,
+            data=data,
+            chunks=row_chunks(data.shape) if data.ndim else (),
+            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            fill_value=0.0,
+            overwrite=True,
+        )
+    mark_complete(group, attrs)
+    return group
