@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -132,7 +131,7 @@ def decompose_family(
 
     BasisCache(catalogue, family, settings.basis_key()).prepare()
     first = catalogue.open_entry(family, chosen[0])
-    sizes = {p: math.prod(first.array(p).shape) for p in todo}
+    sizes = {p: first.stored_bytes(p) // 4 for p in todo}
     groups = plan_batches(sizes, batches or 8)
     annotation = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
     with annotation:

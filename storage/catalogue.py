@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import zarr
 from tvsplit.storage.errors import CatalogueError
+from tvsplit.storage.lowrank import LAYOUT as FACTORS
+from tvsplit.storage.lowrank import LowRankDelta
 from tvsplit.storage.names import check_node_name, param_key, param_name
 from tvsplit.storage.object_store import storage_options
 from tvsplit.storage.provenance import tvsplit_version, utc_now
@@ -312,9 +314,35 @@ class EntryReader:
         assert isinstance(array, zarr.Array)
         return array
 
+    def factors(self, name: str) -> LowRankDelta | None:
+        """Parameter `name` as LoRA factors when it is stored so, else None."""
+        array = self.array(name)
+        layout = dict(array.attrs.get(ATTRS, {}))
+        if layout.get("layout") != FACTORS:
+            return None
+        return LowRankDelta.from_packed(torch.from_numpy(np.ascontiguousarray(array[...])), layout)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The parameter's shape (for factors: the dense ΔW's, not the packed array's)."""
+        array = self.array(name)
+        layout = dict(array.attrs.get(ATTRS, {}))
+        if layout.get("layout") == FACTORS:
+            return tuple(int(s) for s in layout["param_shape"])
+        return tuple(array.shape)
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes of the parameter as stored, uncompressed (factors: the factors' bytes)."""
+        array = self.array(name)
+        return math.prod(array.shape) * ITEMSIZE
+
     def read(self, name: str, *, rows: Rows = None) -> torch.Tensor:
         """Parameter `name` as a float32 tensor: whole, or rows `rows` (a slice or an index
-        along the first dimension). Reads only the chunks needed."""
+        along the first dimension). Reads only the chunks needed (factors: all of them, the
+        dense ΔW computed on read)."""
+        low_rank = self.factors(name)
+        if low_rank is not None:
+            dense = low_rank.dense()
+            return dense if rows is None else dense[rows].contiguous()
         array = self.array(name)
         data = array[...] if rows is None or array.ndim == 0 else array[rows]
         return torch.from_numpy(np.ascontiguousarray(data))
@@ -328,13 +356,17 @@ class EntryReader:
         page faults of a fresh (T, *shape) allocation per parameter (measured: 33 % less
         time reading a family's GPT-2-sized slices into one reused buffer)."""
         array = self.array(name)
-        if tuple(array.shape) != tuple(out.shape):
+        shape = self.shape(name)
+        if shape != tuple(out.shape):
             raise ValueError(
-                f"{self.label}: parameter {name!r} has shape {tuple(array.shape)}, "
-                f"expected {tuple(out.shape)}"
+                f"{self.label}: parameter {name!r} has shape {shape}, expected {tuple(out.shape)}"
             )
         if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError("read_into needs a contiguous float32 CPU tensor")
+        low_rank = self.factors(name)
+        if low_rank is not None:
+            out.copy_(low_rank.dense())
+            return out
         array.get_basic_selection(Ellipsis, out=NDBuffer.from_numpy_array(out.numpy()))
         return out
 
@@ -350,24 +382,38 @@ class EntryWriter:
         """Names of the parameters already written completely (kept on resume)."""
         return {param_name(key) for key, array in self._group.arrays() if is_complete(array)}
 
-    def write(self, name: str, tensor: torch.Tensor | None, attrs: Mapping[str, Any]) -> int:
+    def write_factors(self, name: str, delta: LowRankDelta, attrs: Mapping[str, Any]) -> int:
+        """Store a LoRA ΔW as its factors (one packed array, float32) under `name`; return the
+        stored bytes. Readers get the factors (``factors``) or the dense ΔW (``read``)."""
+        return self.write(name, delta.packed(), {**attrs, **delta.layout()}, shape=delta.shape)
+
+    def write(
+        self,
+        name: str,
+        tensor: torch.Tensor | None,
+        attrs: Mapping[str, Any],
+        *,
+        shape: Sequence[int] | None = None,
+    ) -> int:
         """Store `tensor` as float32 under `name` with provenance `attrs`; return its bytes.
 
         `tensor=None` with ``attrs["shape"]`` stores an all-zero array without writing any
-        chunk (zarr's fill value). Overwrites an incomplete array of the same name.
+        chunk (zarr's fill value). Overwrites an incomplete array of the same name. `shape`
+        (the parameter's, recorded in attrs) is for a tensor stored in another layout.
         """
         data = None if tensor is None else float32_array(tensor)
-        shape = tuple(data.shape) if data is not None else tuple(int(s) for s in attrs["shape"])
+        stored = tuple(data.shape) if data is not None else tuple(int(s) for s in attrs["shape"])
+        param_shape = stored if shape is None else tuple(int(s) for s in shape)
         meta = {
             **attrs,
             "name": name,
-            "shape": list(shape),
+            "shape": list(param_shape),
             "stored_dtype": "float32",
             "created": utc_now(),
             "tvsplit_version": tvsplit_version(),
         }
-        write_array(self._group, param_key(name), data, meta, shape=shape)
-        return math.prod(shape) * ITEMSIZE
+        write_array(self._group, param_key(name), data, meta, shape=stored)
+        return math.prod(stored) * ITEMSIZE
 
     def finish(self, parameters: Sequence[str], attrs: Mapping[str, Any]) -> None:
         """Mark the entry complete with its manifest (`parameters`, in order) and `attrs`.

@@ -2,10 +2,18 @@
 
 For every adapted module, ΔW = s · B·A with s = alpha/r (rsLoRA: alpha/√r), transposed
 when ``fan_in_fan_out``; r and alpha follow ``rank_pattern``/``alpha_pattern`` exactly as
-PEFT matches them (`peft.utils.other.get_pattern_key`). Embedding adapters give
-(B·A)ᵀ·s, a trained LoRA bias gives Δb = s·b_B. ΔW is formed per module, in float32,
-before any other arithmetic. Modules in ``modules_to_save`` come back as full weights
-(`full_weights`): their delta is saved − base, computed by the caller.
+PEFT matches them (`peft.utils.other.get_pattern_key`). `factors(name)` gives ΔW as its
+factors (`storage.lowrank.LowRankDelta`, never dense); `delta(name)` the dense ΔW, float32,
+from the same factors by the one formula PEFT uses. Embedding adapters give (B·A)ᵀ·s,
+convolution adapters (Conv1d/2d/3d, PEFT's lora_A kernel and 1×1 lora_B) ΔW viewed as
+out × (in·k…), a trained LoRA bias gives Δb = s·b_B. Modules in ``modules_to_save`` come back as
+full weights (`full_weights`): their delta is saved − base, computed by the caller, and so
+do the base layers PEFT stores beside an adapter (``<module>.base_layer.<param>``: an
+embedding's weight under the default save, the adapted layers' biases with
+``bias="lora_only"``), named as the base names them (`stored_base` lists those of adapted
+weights, which must equal the base). DoRA adapters are not low-rank: `dora_delta` gives
+their dense ΔW exactly as PEFT merges them. Activated LoRA (aLoRA) is refused: PEFT
+cannot merge it into a weight.
 
 The configuration is read with PEFT's own config classes, never by re-parsing JSON.
 """
@@ -19,6 +27,7 @@ from pathlib import Path
 import torch
 from tvsplit.storage.checkpoint import PICKLE_SUFFIXES, Checkpoint
 from tvsplit.storage.errors import SourceError
+from tvsplit.storage.lowrank import LowRankDelta
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -29,7 +38,9 @@ _PARTS = {
     ".lora_B.bias": "bias",
     ".lora_embedding_A": "emb_A",
     ".lora_embedding_B": "emb_B",
+    ".lora_magnitude_vector": "magnitude",
 }
+_BASE_LAYER = ".base_layer."
 
 
 @dataclass
@@ -76,8 +87,13 @@ class LoraAdapter:
         self.weights_file = weights_file
         self._modules: dict[str, _Module] = {}
         self.full_weights: dict[str, str] = {}  # module_to_save parameter name → adapter key
+        self.stored_base: dict[str, str] = {}  # adapted weight → its stored base-layer copy
+        base_layers: dict[str, str] = {}
         for key in self.weights:
             name = key.removeprefix(_WRAPPER)
+            if _BASE_LAYER in name:
+                base_layers[name.replace(_BASE_LAYER, ".", 1)] = key
+                continue
             for suffix, role in _PARTS.items():
                 if name.endswith(suffix):
                     module = name[: -len(suffix)]
@@ -96,12 +112,27 @@ class LoraAdapter:
             self.deltas[f"{module}.weight"] = (module, "weight")
             if "bias" in parts.parts:
                 self.deltas[f"{module}.bias"] = (module, "bias")
+        for name, key in base_layers.items():
+            if name in self.deltas and name.endswith(".weight"):
+                self.stored_base[name] = key  # a copy of the base: checked equal at ingest
+            elif name in self.deltas or name in self.full_weights:
+                raise SourceError(f"{weights_file}: {key!r} and a LoRA bias both change {name!r}")
+            else:
+                self.full_weights[name] = key  # e.g. a bias trained with bias="lora_only"
+
+    @property
+    def dora(self) -> bool:
+        return bool(getattr(self.config, "use_dora", False))
 
     def _refuse_unsupported(self) -> None:
         config = self.config
         where = self.folder / ADAPTER_CONFIG
-        if getattr(config, "use_dora", False):
-            raise SourceError(f"{where}: DoRA adapters (use_dora) are not supported")
+        if getattr(config, "alora_invocation_tokens", None) is not None:
+            raise SourceError(
+                f"{where}: an activated LoRA (aLoRA, alora_invocation_tokens) changes the model "
+                "only after its invocation tokens, so it is no weight delta (PEFT cannot merge "
+                "it either); use a plain LoRA"
+            )
         if getattr(config, "trainable_token_indices", None):
             raise SourceError(f"{where}: trainable_token_indices is not supported")
         if getattr(config, "target_parameters", None):
@@ -139,30 +170,73 @@ class LoraAdapter:
         key = parts["bias"] if what == "bias" else parts.get("A") or parts["emb_A"]
         return self.weights.header(key)[1]
 
-    def delta(self, name: str) -> torch.Tensor:
-        """ΔW (or Δb) for one target parameter, float32, formed from this module's A and B."""
+    def factors(self, name: str) -> LowRankDelta:
+        """ΔW of weight `name` as its factors (float32), with the scale and orientation."""
         module, what = self.deltas[name]
+        if what != "weight":
+            raise KeyError(f"{name!r} is a LoRA bias, not a factored weight")
         parts = self._modules[module].parts
         r, _, s = self.scaling(module)
-        if what == "bias":
-            return self.weights[parts["bias"]].to(torch.float32) * s
         if parts.get("emb_A"):
             a = self.weights[parts["emb_A"]].to(torch.float32)
             b = self.weights[parts["emb_B"]].to(torch.float32)
-            transpose = True
+            transposed, kernel = True, ()
         else:
             a = self.weights[parts["A"]].to(torch.float32)
             b = self.weights[parts["B"]].to(torch.float32)
-            transpose = bool(self.config.fan_in_fan_out)
-        if a.ndim != 2 or b.ndim != 2:
-            raise SourceError(
-                f"{self.weights_file}: module {module!r} has {a.ndim}-D LoRA factors "
-                "(convolution adapters are not supported)"
-            )
+            transposed, kernel = bool(self.config.fan_in_fan_out), tuple(a.shape[2:])
+            grouped = a.ndim > 2 and b.ndim == a.ndim and b.shape[1] != a.shape[0]
+            if grouped or a.ndim != b.ndim or a.ndim == 1 or any(k != 1 for k in b.shape[2:]):
+                raise SourceError(
+                    f"{self.weights_file}: module {module!r} has LoRA factors of shapes "
+                    f"{tuple(a.shape)} and {tuple(b.shape)}; expected (r × in[, kernel]) and "
+                    "(out × r[, 1…]) (grouped convolutions are not supported)"
+                )
+            if a.ndim > 2:  # a convolution: ΔW viewed as out × (in·kh·kw)
+                a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1])
         if a.shape[0] != r or b.shape[1] != r:
             raise SourceError(
                 f"{self.weights_file}: module {module!r} has rank {a.shape[0]} factors but the "
                 f"config gives r={r} (rank_pattern/r disagree with the weights)"
             )
-        product = (b @ a) * s
-        return product.T.contiguous() if transpose else product
+        if kernel:
+            shape = (b.shape[0], a.shape[1] // math.prod(kernel), *kernel)
+        else:
+            shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+        return LowRankDelta(b, a, s, shape, transposed)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """ΔW (or Δb) for one target parameter, float32, formed from this module's A and B
+        (`LowRankDelta.dense`: PEFT's formula)."""
+        module, what = self.deltas[name]
+        if what == "bias":
+            _, _, s = self.scaling(module)
+            return self.weights[self._modules[module].parts["bias"]].to(torch.float32) * s
+        return self.factors(name).dense()
+
+    def dora_delta(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """The dense ΔW of a DoRA-adapted linear weight, as PEFT merges it: with
+        V = W + s·B·A (W in out × in), merged = (m / ‖V‖ per output row) · V, ΔW = merged − W;
+        float32, in the base's stored orientation."""
+        module, what = self.deltas[name]
+        parts = self._modules[module].parts
+        if what != "weight" or "magnitude" not in parts or parts.get("emb_A"):
+            raise SourceError(
+                f"{self.weights_file}: module {module!r}: DoRA is supported on linear layers "
+                "only (no magnitude vector, or an embedding/convolution)"
+            )
+        low_rank = self.factors(name)
+        if len(low_rank.shape) != 2:
+            raise SourceError(
+                f"{self.weights_file}: module {module!r}: DoRA on convolutions is not supported"
+            )
+        weight = base.to(torch.float32)
+        delta = low_rank.dense()
+        if low_rank.transposed:  # fan_in_fan_out: work in out × in as PEFT does
+            weight, delta = weight.T, delta.T
+        magnitude = self.weights[parts["magnitude"]].to(torch.float32)
+        combined = weight + delta
+        norm = torch.linalg.norm(combined, dim=1)
+        merged = (magnitude / norm).view(-1, 1) * combined
+        change = merged - weight
+        return change.T.contiguous() if low_rank.transposed else change

@@ -30,6 +30,7 @@ from tvsplit.storage.catalogue import Catalogue, entry_label
 from tvsplit.storage.checkpoint import Checkpoint
 from tvsplit.storage.errors import CatalogueError, SourceError, StorageError
 from tvsplit.storage.keymatch import PREFIXES, match_names
+from tvsplit.storage.lowrank import LowRankDelta
 from tvsplit.storage.sources import OpenedSource, open_source
 from tvsplit.tasks.task_vector import TaskVectorError, all_finite, parameter_delta, task_vector
 
@@ -49,6 +50,7 @@ class IngestJob:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     allow_pickle: bool = False
+    lora_factors: bool = True  # LoRA weights kept as factors (False: dense ΔW, as before)
 
     @property
     def label(self) -> str:
@@ -269,14 +271,12 @@ def _lora_plan(base: OpenedSource, member: OpenedSource, job: IngestJob) -> _Pla
         for name in todo:
             base_shape, base_dtype = base_ckpt.header(name)
             if name in deltas:
-                module, _ = adapter.deltas[deltas[name]]
+                key = deltas[name]
+                module, what = adapter.deltas[key]
                 r, alpha, scaling = adapter.scaling(module)
-                delta = adapter.delta(deltas[name])
-                _check_shape(name, tuple(delta.shape), base_shape, where)
-                checked_weights(name, delta, where)
                 attrs = {
                     "kind": "lora-delta",
-                    "dtype": adapter.source_dtype(deltas[name]),
+                    "dtype": adapter.source_dtype(key),
                     "module": module,
                     "r": r,
                     "alpha": alpha,
@@ -284,6 +284,22 @@ def _lora_plan(base: OpenedSource, member: OpenedSource, job: IngestJob) -> _Pla
                     "use_rslora": bool(config.use_rslora),
                     "fan_in_fan_out": bool(config.fan_in_fan_out),
                 }
+                if key in adapter.stored_base:
+                    _check_stored_base(name, base_ckpt[name], adapter, key, where)
+                if what == "weight" and adapter.dora:
+                    delta = adapter.dora_delta(key, base_ckpt[name])
+                    attrs["kind"] = "dora-delta"
+                elif what == "weight" and job.lora_factors:
+                    factors = adapter.factors(key)
+                    _check_shape(name, factors.shape, base_shape, where)
+                    checked_weights(name, factors.up, where)
+                    checked_weights(name, factors.down, where)
+                    yield name, factors, {**common, **attrs}
+                    continue
+                else:
+                    delta = adapter.delta(key)
+                _check_shape(name, tuple(delta.shape), base_shape, where)
+                checked_weights(name, delta, where)
                 yield name, delta, {**common, **attrs}
             elif name in full:
                 key = adapter.full_weights[full[name]]
@@ -307,6 +323,20 @@ def _lora_plan(base: OpenedSource, member: OpenedSource, job: IngestJob) -> _Pla
                 yield name, None, {**common, **attrs, "note": "not adapted by the LoRA adapter"}
 
     return _Plan(names, produce, {"lora": {"r": config.r, "lora_alpha": config.lora_alpha}})
+
+
+def _check_stored_base(name: str, base: torch.Tensor, adapter: Any, key: str, where: str) -> None:
+    """A copy of an adapted layer's base weight saved beside its adapter (PEFT does so for
+    embeddings) must be the base's: the adapter was trained on it."""
+    stored = adapter.weights[adapter.stored_base[key]]
+    if tuple(stored.shape) != tuple(base.shape) or not torch.equal(
+        stored.to(torch.float32), base.to(torch.float32)
+    ):
+        raise TaskVectorError(
+            f"{where}: the adapter stores a base layer for {name!r} that differs from the "
+            "family's base (was the adapter trained on another base, or with resized "
+            "embeddings?); ingest it against its own base"
+        )
 
 
 class _Renamed(Mapping[str, torch.Tensor]):
@@ -372,7 +402,10 @@ def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> In
     written_bytes = 0
     try:
         for name, tensor, attrs in plan.produce(todo):
-            nbytes = writer.write(name, tensor, attrs)
+            if isinstance(tensor, LowRankDelta):
+                nbytes = writer.write_factors(name, tensor, attrs)
+            else:
+                nbytes = writer.write(name, tensor, attrs)
             written_bytes += nbytes
             if progress is not None:
                 progress.advance(name, nbytes)
