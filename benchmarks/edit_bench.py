@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2_shapes import block_shapes
+from gpt2_shapes import gpt2_small_shapes
 from tvsplit.storage.model_folder import ModelFolderWriter
 from tvsplit.tasks.edit import EditInputs, apply_edit
 
@@ -51,18 +51,6 @@ METHODS = {
     "task_arithmetic": ({}, {"normalize": False}),
     "ties": ({"density": DENSITY}, {"normalize": True}),
 }
-
-
-def gpt2_small_shapes() -> dict[str, tuple[int, ...]]:
-    """GPT-2 small's parameter shapes (transformers names, Conv1D layout, no tied lm_head)."""
-    d, vocab, positions, layers = 768, 50257, 1024, 12
-    shapes: dict[str, tuple[int, ...]] = {
-        "transformer.wte.weight": (vocab, d),
-        "transformer.wpe.weight": (positions, d),
-    }
-    for i in range(layers):
-        shapes |= block_shapes(f"transformer.h.{i}", d)
-    return shapes | {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
 
 
 def build(root: Path) -> tuple[Path, list[Path]]:

@@ -1,4 +1,4 @@
-"""GPT-2 block shapes shared by the benchmarks (transformers' Conv1D layout: in × out)."""
+"""GPT-2 shapes shared by the benchmarks (transformers' names and Conv1D layout: in × out)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,17 @@ def block_shapes(prefix: str, d: int = 768) -> dict[str, tuple[int, ...]]:
         f"{prefix}.mlp.c_proj.weight": (4 * d, d),
         f"{prefix}.mlp.c_proj.bias": (d,),
     }
+
+
+def gpt2_small_shapes(
+    layers: int = 12, d: int = 768, vocab: int = 50257, positions: int = 1024
+) -> dict[str, tuple[int, ...]]:
+    """A GPT-2 model's parameter shapes (no tied lm_head); the defaults are GPT-2 small's
+    (124 M parameters)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (vocab, d),
+        "transformer.wpe.weight": (positions, d),
+    }
+    for i in range(layers):
+        shapes |= block_shapes(f"transformer.h.{i}", d)
+    return shapes | {"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}

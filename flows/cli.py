@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import typer
-from tvsplit.flows import catalogue_cli, decompose_cli
+from tvsplit.flows import catalogue_cli, decompose_cli, server_cli
 
 app = typer.Typer(
     name="tvsplit",
@@ -14,8 +14,24 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from tvsplit import __version__
+
+        typer.echo(f"tvsplit {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
     """tvsplit: shared and unique parts of task vectors, on Prefect, Dask, Zarr and MLflow."""
 
 
@@ -75,3 +91,4 @@ def evaluate_vision(
 # The leaves build their own apps and never import this module: no import circle.
 app.add_typer(catalogue_cli.app)  # `ingest`, `catalogue ls|show|rm`
 app.add_typer(decompose_cli.app)  # `decompose`, `edit`, `serve`
+app.add_typer(server_cli.server_app, name="server")  # `server status|start|stop`

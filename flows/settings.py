@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,17 @@ class Settings(BaseSettings):
         default=str(DATA_DIR / "mlartifacts"),
         description="Where MLflow artifacts go with the default local tracking store.",
     )
+    prefect: Literal["local", "ephemeral"] = Field(
+        default="local",
+        description=(
+            "How flows reach Prefect when PREFECT_API_URL is not set: a local server started on "
+            "first use and reused (local), or Prefect's temporary server per command (ephemeral)."
+        ),
+    )
+    prefect_home: str = Field(
+        default=str(DATA_DIR / "prefect"),
+        description="The local Prefect server's home: its database, log, pid and port record.",
+    )
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -38,22 +50,12 @@ def load_settings(**overrides: object) -> Settings:
 
 
 @contextmanager
-def prefect_run_settings() -> Iterator[None]:
-    """Prefect settings for flows run from this process.
+def prefect_run_settings() -> Iterator[str | None]:
+    """Run the block's flows against the Prefect API chosen in `flows.prefect_server`
+    (``PREFECT_API_URL``, else the data folder's local server started on first use, else with
+    ``TVSPLIT_PREFECT=ephemeral`` Prefect's temporary server); yields the API URL."""
+    from tvsplit.flows.prefect_server import use_prefect
 
-    With the ephemeral API (no ``PREFECT_API_URL``) flow-run heartbeats are switched off:
-    they let a server spot crashed runs of deployments, no server outlives this process to
-    do that, and their thread adds up to 1 s to the end of every flow run (it sleeps in 1 s
-    steps and is joined on exit; PrefectHQ/prefect#19641). Against a real server nothing
-    changes."""
-    from prefect.settings import (
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-        get_current_settings,
-        temporary_settings,
-    )
-
-    if get_current_settings().api.url is not None:
-        yield
-        return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+    settings = load_settings()
+    with use_prefect(settings.prefect, settings.prefect_home) as url:
+        yield url

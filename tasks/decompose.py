@@ -17,14 +17,6 @@ Orientation: a parameter is viewed as a matrix A (m × n): 2-D as stored, ≥3-D
 (out, rest), 1-D as a column (n × 1). ``side="left"`` works in the space of the first stored
 dimension; ``"right"`` on the transpose; ``"auto"`` picks the smaller dimension. Bases,
 coefficients and eigenvalues refer to the oriented matrix.
-
-Factored members: a member's delta may be a ``LowRankDelta`` (a LoRA ΔW kept as factors).
-Its basis is the exact thin SVD from the factors (``tasks.lowrank``: QR of L and Rᵀ, an
-r × r core SVD; solver ``"factored"``), with no sketch; Gavish–Donoho keeps every
-numerically non-zero singular value (the noise of an exact product is zero), the other
-rules apply to its exact spectrum, and the caps apply as for dense members. Splits take
-any mix of dense and factored members; a factored member's coefficients C_i = (Sᵀ L_i) R_i
-are computed without its dense ΔW, and its parts are formed only when asked for.
 """
 
 from __future__ import annotations
@@ -34,17 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tvsplit.storage.lowrank import LowRankDelta
-from tvsplit.tasks.lowrank import Factors, factored_spectrum
-from tvsplit.tasks.ranks import (
-    RankChoice,
-    RankRule,
-    choose_rank,
-    numerical_rank,
-    parse_rank_rule,
-    rank_cap,
-    rule_rank,
-)
+from tvsplit.tasks.ranks import RankRule, choose_rank, parse_rank_rule
 from tvsplit.tasks.subspaces import (
     mean_projector,
     mean_projector_chance,
@@ -107,14 +89,7 @@ def _restore(
     return matrices.reshape(matrices.shape[0], *shape).to(dtype)
 
 
-Delta = torch.Tensor | LowRankDelta
-
-
-def _check_member(delta: Delta, name: str | None, member: int | str) -> None:
-    if isinstance(delta, LowRankDelta):
-        for factor in (delta.up, delta.down):
-            _check_member(factor, name, member)
-        return
+def _check_member(delta: torch.Tensor, name: str | None, member: int | str) -> None:
     if not isinstance(delta, torch.Tensor):
         raise DecompositionError(
             f"{_where(name, member)}: expected a torch.Tensor, got {type(delta).__name__}"
@@ -157,7 +132,7 @@ class MemberBasis:
 
 
 def member_basis(
-    delta: Delta,
+    delta: torch.Tensor,
     *,
     rank: str = "gavish-donoho",
     max_rank_fraction: float = 0.25,
@@ -183,8 +158,6 @@ def member_basis(
     if solver not in SOLVERS:
         raise DecompositionError(f"solver must be one of {SOLVERS}, not {solver!r}")
     rule: RankRule = parse_rank_rule(rank)
-    if isinstance(delta, LowRankDelta):
-        return _factored_basis(delta, rule, max_rank_fraction, side)
     resolved = _resolve_side(delta.shape, side)
     a = _orient(delta, resolved)
     if delta.ndim == 1:
@@ -210,49 +183,6 @@ def member_basis(
     )
 
 
-def _factored_basis(
-    delta: LowRankDelta, rule: RankRule, max_rank_fraction: float, side: str
-) -> MemberBasis:
-    """``member_basis`` of a factored delta: the exact thin SVD from its factors."""
-    shape = torch.Size(delta.shape)
-    resolved = _resolve_side(shape, side)
-    factors = Factors.of(delta, resolved, _compute_dtype(delta.dtype))
-    spectrum = factored_spectrum(factors)
-    m, n = factors.shape
-    # Gavish–Donoho's noise level is zero for an exact product: every non-round-off value.
-    wanted = (
-        spectrum.sigma.numel() if rule.kind == "gavish-donoho" else rule_rank(rule, spectrum, m, n)
-    )
-    r = min(wanted, rank_cap(m, n, max_rank_fraction), numerical_rank(spectrum.sigma, m, n))
-    choice = RankChoice(r, spectrum, "factored")
-    return MemberBasis(
-        left=spectrum.left[:, : choice.rank].contiguous(),
-        right=spectrum.right[:, : choice.rank].contiguous(),
-        singular_values=spectrum.sigma[: choice.rank],
-        spectrum=spectrum.sigma,
-        shape=shape,
-        side=resolved,
-        rule=str(rule),
-        solver=choice.solver,
-    )
-
-
-Oriented = torch.Tensor | Factors  # one member's oriented matrix, dense or factored
-
-
-def _dense(member: Oriented) -> torch.Tensor:
-    return member.dense() if isinstance(member, Factors) else member
-
-
-def _project(basis: torch.Tensor, member: Oriented) -> torch.Tensor:
-    """basisᵀ A without forming A when it is factored."""
-    return member.project(basis) if isinstance(member, Factors) else basis.mT @ member
-
-
-def _energy(member: Oriented) -> float:
-    return member.energy() if isinstance(member, Factors) else energy(member)
-
-
 @dataclass
 class LayerSplit:
     """The split of one parameter across T members, kept compact; parts derived on access.
@@ -264,9 +194,7 @@ class LayerSplit:
     (T, *param_shape) and the input dtype.
 
     ``oriented`` is a view of the deltas the split was made from (float32 or float64 input
-    is not copied): change them in place and the derived ``unique`` changes with them. With
-    factored members it is a tuple, one entry per member: a dense oriented matrix or its
-    ``Factors`` (formed densely only by ``unique``/``unique_member``).
+    is not copied): change them in place and the derived ``unique`` changes with them.
     """
 
     method: str
@@ -280,11 +208,11 @@ class LayerSplit:
     ranks: tuple[int, ...]
     chance: float | tuple[float, ...]
     threshold_used: float
-    oriented: torch.Tensor | tuple[Oriented, ...] = field(repr=False)
+    oriented: torch.Tensor = field(repr=False)
 
     @property
     def members(self) -> int:
-        return len(self.oriented)
+        return self.oriented.shape[0]
 
     @property
     def k(self) -> int | tuple[int, ...]:
@@ -315,7 +243,7 @@ class LayerSplit:
 
     def unique_member(self, i: int) -> torch.Tensor:
         """Member i's unique part: its delta minus its shared part."""
-        unique = _dense(self.oriented[i]) - self._shared_oriented(i)
+        unique = self.oriented[i] - self._shared_oriented(i)
         return _restore(unique[None], self.param_shape, self.side, self.dtype)[0]
 
     @property
@@ -326,7 +254,7 @@ class LayerSplit:
     @property
     def unique(self) -> torch.Tensor:
         parts = torch.stack(
-            [_dense(self.oriented[i]) - self._shared_oriented(i) for i in range(self.members)]
+            [self.oriented[i] - self._shared_oriented(i) for i in range(self.members)]
         )
         return _restore(parts, self.param_shape, self.side, self.dtype)
 
@@ -335,7 +263,7 @@ class LayerSplit:
         """‖shared_i‖² / ‖delta_i‖² per member (0 for an all-zero delta)."""
         energies = []
         for i in range(self.members):
-            total = _energy(self.oriented[i])
+            total = energy(self.oriented[i])
             kept = energy(self._coefficient(i))
             energies.append(kept / total if total > 0 else 0.0)
         return torch.tensor(energies, dtype=torch.float64)
@@ -356,12 +284,11 @@ def _gap(eigenvalues: torch.Tensor, k: int) -> float:
 
 
 def _as_stack(
-    deltas: torch.Tensor | Sequence[Delta],
+    deltas: torch.Tensor | Sequence[torch.Tensor],
     name: str | None,
     member_names: Sequence[str] | None,
-) -> torch.Tensor | list[Delta]:
-    """Validate the family's deltas: stacked (T, *shape) when all are dense, else the list
-    (factored members in it)."""
+) -> torch.Tensor:
+    """Validate the family's deltas and return them stacked (T, *shape)."""
     members = list(deltas.unbind(0)) if isinstance(deltas, torch.Tensor) else list(deltas)
     labels = list(member_names) if member_names is not None else list(range(len(members)))
     if len(members) < 2:
@@ -374,51 +301,19 @@ def _as_stack(
         )
     for label, delta in zip(labels, members, strict=True):
         _check_member(delta, name, label)
-    factored = any(isinstance(delta, LowRankDelta) for delta in members)
-    shape = torch.Size(members[0].shape)
-    dtype, device = _member_dtype(members[0]), _member_device(members[0])
+    shape, dtype, device = members[0].shape, members[0].dtype, members[0].device
     for label, delta in zip(labels, members, strict=True):
-        if torch.Size(delta.shape) != shape:
+        if delta.shape != shape:
             raise DecompositionError(
                 f"{_where(name, label)}: shape {tuple(delta.shape)} differs from member "
                 f"{labels[0]!r}'s {tuple(shape)}"
             )
-        delta_dtype, delta_device = _member_dtype(delta), _member_device(delta)
-        if (not factored and delta_dtype != dtype) or delta_device != device:
+        if delta.dtype != dtype or delta.device != device:
             raise DecompositionError(
-                f"{_where(name, label)}: dtype/device {delta_dtype}/{delta_device} differs "
-                f"from member {labels[0]!r}'s {dtype}/{device}"
+                f"{_where(name, label)}: dtype/device {delta.dtype}/{delta.device} differs from "
+                f"member {labels[0]!r}'s {dtype}/{device}"
             )
-    if factored:
-        return members
     return deltas if isinstance(deltas, torch.Tensor) else torch.stack(members)
-
-
-def _member_dtype(delta: Delta) -> torch.dtype:
-    return delta.up.dtype if isinstance(delta, LowRankDelta) else delta.dtype
-
-
-def _member_device(delta: Delta) -> torch.device:
-    return delta.up.device if isinstance(delta, LowRankDelta) else delta.device
-
-
-def _orient_members(
-    members: torch.Tensor | list[Delta], side: str
-) -> tuple[torch.Tensor | tuple[Oriented, ...], torch.Size, torch.dtype]:
-    """The oriented members, the parameter shape and the dtype parts are returned in: a
-    dense stack as a view (``_orient_stack``); with factored members a tuple (float32, or
-    float64 when every dense member is float64)."""
-    if isinstance(members, torch.Tensor):
-        return _orient_stack(members, side), members.shape[1:], members.dtype
-    dense = [m for m in members if not isinstance(m, LowRankDelta)]
-    dtype = (
-        torch.float64 if dense and all(m.dtype == torch.float64 for m in dense) else torch.float32
-    )
-    oriented = tuple(
-        Factors.of(m, side, dtype) if isinstance(m, LowRankDelta) else _orient(m, side).to(dtype)
-        for m in members
-    )
-    return oriented, torch.Size(members[0].shape), dtype
 
 
 def _resolve_threshold(
@@ -463,7 +358,7 @@ def _chance(
 
 
 def split_from_bases(
-    deltas: torch.Tensor | Sequence[Delta],
+    deltas: torch.Tensor | Sequence[torch.Tensor],
     bases: Sequence[MemberBasis],
     *,
     method: str = "mean-projector",
@@ -482,66 +377,63 @@ def split_from_bases(
     ``threshold`` unused). ``two_sided`` also projects on the right with R built the same
     way from the right singular vectors. 1-D parameters follow ``one_d``: ``"unique"``
     keeps them whole in the unique part, ``"rank1"`` uses the rank-1 bases (shared only
-    when members are nearly collinear); they are always one-sided. ``deltas`` may mix dense
-    and factored (``LowRankDelta``) members.
+    when members are nearly collinear); they are always one-sided.
     """
     stack = _as_stack(deltas, name, member_names)
-    members = len(stack)
+    members = stack.shape[0]
     if len(bases) != members:
         raise DecompositionError(f"{_where(name)}: {len(bases)} bases for {members} deltas")
     if one_d not in ONE_D_POLICIES:
         raise DecompositionError(f"one_d must be one of {ONE_D_POLICIES}, not {one_d!r}")
     labels = list(member_names) if member_names is not None else list(range(members))
     side = bases[0].side
-    param_shape = torch.Size(stack[0].shape)
     for label, basis in zip(labels, bases, strict=True):
-        if basis.shape != param_shape or basis.side != side:
+        if basis.shape != stack.shape[1:] or basis.side != side:
             raise DecompositionError(
                 f"{_where(name, label)}: basis was made for shape {tuple(basis.shape)} side "
-                f"{basis.side!r}, but the deltas have shape {tuple(param_shape)} side {side!r}"
+                f"{basis.side!r}, but the deltas have shape {tuple(stack.shape[1:])} side {side!r}"
             )
     tau = _resolve_threshold(method, threshold, min_tasks, members, name)
-    oriented, param_shape, dtype = _orient_members(stack, side)
-    compute = oriented.dtype if isinstance(oriented, torch.Tensor) else dtype
+    oriented = _orient_stack(stack, side)
     ranks = tuple(b.rank for b in bases)
-    one_dimensional = len(param_shape) == 1
+    one_dimensional = stack.ndim == 2
     if one_dimensional:
         two_sided = False
     if one_dimensional and one_d == "unique":
         left = [b.left[:, :0] for b in bases]
         ranks = tuple(0 for _ in bases)
     else:
-        left = [b.left.to(compute) for b in bases]
+        left = [b.left.to(oriented.dtype) for b in bases]
     basis, eigenvalues = _estimate(method, left, tau, min_tasks)
     right_basis = None
     if two_sided:
-        right_basis, _ = _estimate(method, [b.right.to(compute) for b in bases], tau, min_tasks)
+        right_basis, _ = _estimate(
+            method, [b.right.to(oriented.dtype) for b in bases], tau, min_tasks
+        )
     coefficients = _coefficients(oriented, basis, right_basis)
-    like = left[0]
     return LayerSplit(
         method=method,
         side=side,
-        param_shape=param_shape,
-        dtype=dtype,
+        param_shape=stack.shape[1:],
+        dtype=stack.dtype,
         basis=basis,
         right_basis=right_basis,
         coefficients=coefficients,
         eigenvalues=eigenvalues,
         ranks=ranks,
-        chance=_chance(method, list(ranks), like.shape[0], like),
+        chance=_chance(method, list(ranks), oriented.shape[1], oriented),
         threshold_used=tau,
         oriented=oriented,
     )
 
 
-def _coefficients(oriented, basis, right_basis):
-    """C_i = S_iᵀ A_i (R_i): stacked when S is common, a tuple for per-member bases; a
-    factored member's as (S_iᵀ L_i) R_i."""
+def _coefficients(oriented: torch.Tensor, basis, right_basis):
+    """C_i = S_iᵀ A_i (R_i): stacked when S is common, a tuple for per-member bases."""
     per_member = isinstance(basis, tuple)
     result = []
-    for i, a in enumerate(oriented):
+    for i, a in enumerate(oriented.unbind(0)):
         s = basis[i] if per_member else basis
-        c = _project(s, a)
+        c = s.mT @ a
         if right_basis is not None:
             c = c @ (right_basis[i] if per_member else right_basis)
         result.append(c)
@@ -549,7 +441,7 @@ def _coefficients(oriented, basis, right_basis):
 
 
 def decompose_layer(
-    deltas: torch.Tensor | Sequence[Delta],
+    deltas: torch.Tensor | Sequence[torch.Tensor],
     *,
     method: str = "mean-projector",
     threshold: float = 0.85,
@@ -567,7 +459,7 @@ def decompose_layer(
     """Split one parameter of a family: ``member_basis`` for each member, then
     ``split_from_bases``. Same arguments, same guarantees."""
     stack = _as_stack(deltas, name, member_names)
-    labels = list(member_names) if member_names is not None else list(range(len(stack)))
+    labels = list(member_names) if member_names is not None else list(range(stack.shape[0]))
     bases = [
         member_basis(
             delta,
@@ -579,7 +471,7 @@ def decompose_layer(
             name=name,
             member=label,
         )
-        for label, delta in zip(labels, list(stack), strict=True)
+        for label, delta in zip(labels, stack.unbind(0), strict=True)
     ]
     return split_from_bases(
         stack,

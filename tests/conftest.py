@@ -11,6 +11,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Flows in tests use the session's harness (or Prefect's temporary server), never a local
+# server left running under the working directory; tests/test_prefect_server.py starts its own.
+os.environ.setdefault("TVSPLIT_PREFECT", "ephemeral")
 
 import pytest
 
