@@ -14,7 +14,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow test-integration lint bench clean
 
 install: $(STAMP)
 
@@ -36,10 +36,14 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow and not integration" -q
 
 test-slow: install
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m "slow and not integration" -q
+
+# Real servers as processes on 127.0.0.1 (Prefect, Dask, MLflow, moto S3); .ci/run runs it.
+test-integration: install
+	$(PY) -m pytest -m integration tests/integration -q -p no:cacheprovider
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -17,6 +17,14 @@ Orientation: a parameter is viewed as a matrix A (m × n): 2-D as stored, ≥3-D
 (out, rest), 1-D as a column (n × 1). ``side="left"`` works in the space of the first stored
 dimension; ``"right"`` on the transpose; ``"auto"`` picks the smaller dimension. Bases,
 coefficients and eigenvalues refer to the oriented matrix.
+
+Factored members: a member's delta may be a ``LowRankDelta`` (a LoRA ΔW kept as factors).
+Its basis is the exact thin SVD from the factors (``tasks.lowrank``: QR of L and Rᵀ, an
+r × r core SVD; solver ``"factored"``), with no sketch; Gavish–Donoho keeps every
+numerically non-zero singular value (the noise of an exact product is zero), the other
+rules apply to its exact spectrum, and the caps apply as for dense members. Splits take
+any mix of dense and factored members; a factored member's coefficients C_i = (Sᵀ L_i) R_i
+are computed without its dense ΔW, and its parts are formed only when asked for.
 """
 
 from __future__ import annotations
@@ -26,7 +34,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tvsplit.tasks.ranks import RankRule, choose_rank, parse_rank_rule
+from tvsplit.storage.lowrank import LowRankDelta
+from tvsplit.tasks.lowrank import Factors, factored_spectrum
+from tvsplit.tasks.ranks import (
+    RankChoice,
+    RankRule,
+    choose_rank,
+    numerical_rank,
+    parse_rank_rule,
+    rank_cap,
+    rule_rank,
+)
 from tvsplit.tasks.subspaces import (
     mean_projector,
     mean_projector_chance,
@@ -89,7 +107,14 @@ def _restore(
     return matrices.reshape(matrices.shape[0], *shape).to(dtype)
 
 
-def _check_member(delta: torch.Tensor, name: str | None, member: int | str) -> None:
+Delta = torch.Tensor | LowRankDelta
+
+
+def _check_member(delta: Delta, name: str | None, member: int | str) -> None:
+    if isinstance(delta, LowRankDelta):
+        for factor in (delta.up, delta.down):
+            _check_member(factor, name, member)
+        return
     if not isinstance(delta, torch.Tensor):
         raise DecompositionError(
             f"{_where(name, member)}: expected a torch.Tensor, got {type(delta).__name__}"
@@ -132,7 +157,7 @@ class MemberBasis:
 
 
 def member_basis(
-    delta: torch.Tensor,
+    delta: Delta,
     *,
     rank: str = "gavish-donoho",
     max_rank_fraction: float = 0.25,
@@ -158,6 +183,8 @@ def member_basis(
     if solver not in SOLVERS:
         raise DecompositionError(f"solver must be one of {SOLVERS}, not {solver!r}")
     rule: RankRule = parse_rank_rule(rank)
+    if isinstance(delta, LowRankDelta):
+        return _factored_basis(delta, rule, max_rank_fraction, side)
     resolved = _resolve_side(delta.shape, side)
     a = _orient(delta, resolved)
     if delta.ndim == 1:
@@ -183,6 +210,49 @@ def member_basis(
     )
 
 
+def _factored_basis(
+    delta: LowRankDelta, rule: RankRule, max_rank_fraction: float, side: str
+) -> MemberBasis:
+    """``member_basis`` of a factored delta: the exact thin SVD from its factors."""
+    shape = torch.Size(delta.shape)
+    resolved = _resolve_side(shape, side)
+    factors = Factors.of(delta, resolved, _compute_dtype(delta.dtype))
+    spectrum = factored_spectrum(factors)
+    m, n = factors.shape
+    # Gavish–Donoho's noise level is zero for an exact product: every non-round-off value.
+    wanted = (
+        spectrum.sigma.numel() if rule.kind == "gavish-donoho" else rule_rank(rule, spectrum, m, n)
+    )
+    r = min(wanted, rank_cap(m, n, max_rank_fraction), numerical_rank(spectrum.sigma, m, n))
+    choice = RankChoice(r, spectrum, "factored")
+    return MemberBasis(
+        left=spectrum.left[:, : choice.rank].contiguous(),
+        right=spectrum.right[:, : choice.rank].contiguous(),
+        singular_values=spectrum.sigma[: choice.rank],
+        spectrum=spectrum.sigma,
+        shape=shape,
+        side=resolved,
+        rule=str(rule),
+        solver=choice.solver,
+    )
+
+
+Oriented = torch.Tensor | Factors  # one member's oriented matrix, dense or factored
+
+
+def _dense(member: Oriented) -> torch.Tensor:
+    return member.dense() if isinstance(member, Factors) else member
+
+
+def _project(basis: torch.Tensor, member: Oriented) -> torch.Tensor:
+    """basisᵀ A without forming A when it is factored."""
+    return member.project(basis) if isinstance(member, Factors) else basis.mT @ member
+
+
+def _energy(member: Oriented) -> float:
+    return member.energy() if isinstance(member, Factors) else energy(member)
+
+
 @dataclass
 class LayerSplit:
     """The split of one parameter across T members, kept compact; parts derived on access.
@@ -194,7 +264,9 @@ class LayerSplit:
     (T, *param_shape) and the input dtype.
 
     ``oriented`` is a view of the deltas the split was made from (float32 or float64 input
-    is not copied): change them in place and the derived ``unique`` changes with them.
+    is not copied): change them in place and the derived ``unique`` changes with them. With
+    factored members it is a tuple, one entry per member: a dense oriented matrix or its
+    ``Factors`` (formed densely only by ``unique``/``unique_member``).
     """
 
     method: str
@@ -208,11 +280,11 @@ class LayerSplit:
     ranks: tuple[int, ...]
     chance: float | tuple[float, ...]
     threshold_used: float
-    oriented: torch.Tensor = field(repr=False)
+    oriented: torch.Tensor | tuple[Oriented, ...] = field(repr=False)
 
     @property
     def members(self) -> int:
-        return self.oriented.shape[0]
+        return len(self.oriented)
 
     @property
     def k(self) -> int | tuple[int, ...]:
@@ -243,7 +315,7 @@ class LayerSplit:
 
     def unique_member(self, i: int) -> torch.Tensor:
         """Member i's unique part: its delta minus its shared part."""
-        unique = self.oriented[i] - self._shared_oriented(i)
+        unique = _dense(self.oriented[i]) - self._shared_oriented(i)
         return _restore(unique[None], self.param_shape, self.side, self.dtype)[0]
 
     @property
@@ -254,7 +326,7 @@ class LayerSplit:
     @property
     def unique(self) -> torch.Tensor:
         parts = torch.stack(
-            [self.oriented[i] - self._shared_oriented(i) for i in range(self.members)]
+            [_dense(self.oriented[i]) - self._shared_oriented(i) for i in range(self.members)]
         )
         return _restore(parts, self.param_shape, self.side, self.dtype)
 
@@ -263,7 +335,7 @@ class LayerSplit:
         """‖shared_i‖² / ‖delta_i‖² per member (0 for an all-zero delta)."""
         energies = []
         for i in range(self.members):
-            total = energy(self.oriented[i])
+            total = _energy(self.oriented[i])
             kept = energy(self._coefficient(i))
             energies.append(kept / total if total > 0 else 0.0)
         return torch.tensor(energies, dtype=torch.float64)
@@ -284,11 +356,12 @@ def _gap(eigenvalues: torch.Tensor, k: int) -> float:
 
 
 def _as_stack(
-    deltas: torch.Tensor | Sequence[torch.Tensor],
+    deltas: torch.Tensor | Sequence[Delta],
     name: str | None,
     member_names: Sequence[str] | None,
-) -> torch.Tensor:
-    """Validate the family's deltas and return them stacked (T, *shape)."""
+) -> torch.Tensor | list[Delta]:
+    """Validate the family's deltas: stacked (T, *shape) when all are dense, else the list
+    (factored members in it)."""
     members = list(deltas.unbind(0)) if isinstance(deltas, torch.Tensor) else list(deltas)
     labels = list(member_names) if member_names is not None else list(range(len(members)))
     if len(members) < 2:
@@ -301,19 +374,51 @@ def _as_stack(
         )
     for label, delta in zip(labels, members, strict=True):
         _check_member(delta, name, label)
-    shape, dtype, device = members[0].shape, members[0].dtype, members[0].device
+    factored = any(isinstance(delta, LowRankDelta) for delta in members)
+    shape = torch.Size(members[0].shape)
+    dtype, device = _member_dtype(members[0]), _member_device(members[0])
     for label, delta in zip(labels, members, strict=True):
-        if delta.shape != shape:
+        if torch.Size(delta.shape) != shape:
             raise DecompositionError(
                 f"{_where(name, label)}: shape {tuple(delta.shape)} differs from member "
                 f"{labels[0]!r}'s {tuple(shape)}"
             )
-        if delta.dtype != dtype or delta.device != device:
+        delta_dtype, delta_device = _member_dtype(delta), _member_device(delta)
+        if (not factored and delta_dtype != dtype) or delta_device != device:
             raise DecompositionError(
-                f"{_where(name, label)}: dtype/device {delta.dtype}/{delta.device} differs from "
-                f"member {labels[0]!r}'s {dtype}/{device}"
+                f"{_where(name, label)}: dtype/device {delta_dtype}/{delta_device} differs "
+                f"from member {labels[0]!r}'s {dtype}/{device}"
             )
+    if factored:
+        return members
     return deltas if isinstance(deltas, torch.Tensor) else torch.stack(members)
+
+
+def _member_dtype(delta: Delta) -> torch.dtype:
+    return delta.up.dtype if isinstance(delta, LowRankDelta) else delta.dtype
+
+
+def _member_device(delta: Delta) -> torch.device:
+    return delta.up.device if isinstance(delta, LowRankDelta) else delta.device
+
+
+def _orient_members(
+    members: torch.Tensor | list[Delta], side: str
+) -> tuple[torch.Tensor | tuple[Oriented, ...], torch.Size, torch.dtype]:
+    """The oriented members, the parameter shape and the dtype parts are returned in: a
+    dense stack as a view (``_orient_stack``); with factored members a tuple (float32, or
+    float64 when every dense member is float64)."""
+    if isinstance(members, torch.Tensor):
+        return _orient_stack(members, side), members.shape[1:], members.dtype
+    dense = [m for m in members if not isinstance(m, LowRankDelta)]
+    dtype = (
+        torch.float64 if dense and all(m.dtype == torch.float64 for m in dense) else torch.float32
+    )
+    oriented = tuple(
+        Factors.of(m, side, dtype) if isinstance(m, LowRankDelta) else _orient(m, side).to(dtype)
+        for m in members
+    )
+    return oriented, torch.Size(members[0].shape), dtype
 
 
 def _resolve_threshold(
@@ -358,7 +463,7 @@ def _chance(
 
 
 def split_from_bases(
-    deltas: torch.Tensor | Sequence[torch.Tensor],
+    deltas: torch.Tensor | Sequence[Delta],
     bases: Sequence[MemberBasis],
     *,
     method: str = "mean-projector",
@@ -377,63 +482,66 @@ def split_from_bases(
     ``threshold`` unused). ``two_sided`` also projects on the right with R built the same
     way from the right singular vectors. 1-D parameters follow ``one_d``: ``"unique"``
     keeps them whole in the unique part, ``"rank1"`` uses the rank-1 bases (shared only
-    when members are nearly collinear); they are always one-sided.
+    when members are nearly collinear); they are always one-sided. ``deltas`` may mix dense
+    and factored (``LowRankDelta``) members.
     """
     stack = _as_stack(deltas, name, member_names)
-    members = stack.shape[0]
+    members = len(stack)
     if len(bases) != members:
         raise DecompositionError(f"{_where(name)}: {len(bases)} bases for {members} deltas")
     if one_d not in ONE_D_POLICIES:
         raise DecompositionError(f"one_d must be one of {ONE_D_POLICIES}, not {one_d!r}")
     labels = list(member_names) if member_names is not None else list(range(members))
     side = bases[0].side
+    param_shape = torch.Size(stack[0].shape)
     for label, basis in zip(labels, bases, strict=True):
-        if basis.shape != stack.shape[1:] or basis.side != side:
+        if basis.shape != param_shape or basis.side != side:
             raise DecompositionError(
                 f"{_where(name, label)}: basis was made for shape {tuple(basis.shape)} side "
-                f"{basis.side!r}, but the deltas have shape {tuple(stack.shape[1:])} side {side!r}"
+                f"{basis.side!r}, but the deltas have shape {tuple(param_shape)} side {side!r}"
             )
     tau = _resolve_threshold(method, threshold, min_tasks, members, name)
-    oriented = _orient_stack(stack, side)
+    oriented, param_shape, dtype = _orient_members(stack, side)
+    compute = oriented.dtype if isinstance(oriented, torch.Tensor) else dtype
     ranks = tuple(b.rank for b in bases)
-    one_dimensional = stack.ndim == 2
+    one_dimensional = len(param_shape) == 1
     if one_dimensional:
         two_sided = False
     if one_dimensional and one_d == "unique":
         left = [b.left[:, :0] for b in bases]
         ranks = tuple(0 for _ in bases)
     else:
-        left = [b.left.to(oriented.dtype) for b in bases]
+        left = [b.left.to(compute) for b in bases]
     basis, eigenvalues = _estimate(method, left, tau, min_tasks)
     right_basis = None
     if two_sided:
-        right_basis, _ = _estimate(
-            method, [b.right.to(oriented.dtype) for b in bases], tau, min_tasks
-        )
+        right_basis, _ = _estimate(method, [b.right.to(compute) for b in bases], tau, min_tasks)
     coefficients = _coefficients(oriented, basis, right_basis)
+    like = left[0]
     return LayerSplit(
         method=method,
         side=side,
-        param_shape=stack.shape[1:],
-        dtype=stack.dtype,
+        param_shape=param_shape,
+        dtype=dtype,
         basis=basis,
         right_basis=right_basis,
         coefficients=coefficients,
         eigenvalues=eigenvalues,
         ranks=ranks,
-        chance=_chance(method, list(ranks), oriented.shape[1], oriented),
+        chance=_chance(method, list(ranks), like.shape[0], like),
         threshold_used=tau,
         oriented=oriented,
     )
 
 
-def _coefficients(oriented: torch.Tensor, basis, right_basis):
-    """C_i = S_iᵀ A_i (R_i): stacked when S is common, a tuple for per-member bases."""
+def _coefficients(oriented, basis, right_basis):
+    """C_i = S_iᵀ A_i (R_i): stacked when S is common, a tuple for per-member bases; a
+    factored member's as (S_iᵀ L_i) R_i."""
     per_member = isinstance(basis, tuple)
     result = []
-    for i, a in enumerate(oriented.unbind(0)):
+    for i, a in enumerate(oriented):
         s = basis[i] if per_member else basis
-        c = s.mT @ a
+        c = _project(s, a)
         if right_basis is not None:
             c = c @ (right_basis[i] if per_member else right_basis)
         result.append(c)
@@ -441,7 +549,7 @@ def _coefficients(oriented: torch.Tensor, basis, right_basis):
 
 
 def decompose_layer(
-    deltas: torch.Tensor | Sequence[torch.Tensor],
+    deltas: torch.Tensor | Sequence[Delta],
     *,
     method: str = "mean-projector",
     threshold: float = 0.85,
@@ -459,7 +567,7 @@ def decompose_layer(
     """Split one parameter of a family: ``member_basis`` for each member, then
     ``split_from_bases``. Same arguments, same guarantees."""
     stack = _as_stack(deltas, name, member_names)
-    labels = list(member_names) if member_names is not None else list(range(stack.shape[0]))
+    labels = list(member_names) if member_names is not None else list(range(len(stack)))
     bases = [
         member_basis(
             delta,
@@ -471,7 +579,7 @@ def decompose_layer(
             name=name,
             member=label,
         )
-        for label, delta in zip(labels, stack.unbind(0), strict=True)
+        for label, delta in zip(labels, list(stack), strict=True)
     ]
     return split_from_bases(
         stack,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import threading
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import BasisCache, DecompositionRun
+from tvsplit.storage.lowrank import LowRankDelta
 from tvsplit.tasks.decompose import (
     basis_from_arrays,
     basis_to_arrays,
@@ -117,7 +117,7 @@ class _Inputs:
     """What one parameter's split reads: the members' slices and their cached bases."""
 
     name: str
-    deltas: torch.Tensor
+    deltas: torch.Tensor | list[LowRankDelta | torch.Tensor]  # a list: factored members
     cached: dict[str, dict[str, Any]]
 
 
@@ -159,7 +159,9 @@ class _Buffers:
                 return free.pop()
         return torch.empty((self._members, *shape))
 
-    def give(self, buffer: torch.Tensor) -> None:
+    def give(self, buffer: torch.Tensor | list) -> None:
+        if not isinstance(buffer, torch.Tensor):  # factored members' list: no buffer
+            return
         shape = tuple(buffer.shape[1:])
         with self._lock:
             free = self._free.setdefault(shape, [])
@@ -191,11 +193,23 @@ class _Job:
         self.buffers = _Buffers(len(members))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.entries[0].array(name).shape)
+        return self.entries[0].shape(name)
+
+    def nbytes(self, name: str) -> int:
+        """What reading `name` costs in memory, from the first member's stored layout."""
+        return len(self.members) * self.entries[0].stored_bytes(name)
 
     def load(self, name: str, shape: tuple[int, ...] | None = None) -> _Inputs:
         """The members' slices of `name`, decoded into one (T, *shape) buffer (give it back
-        with ``buffers.give`` once split)."""
+        with ``buffers.give`` once split); when a member is stored as LoRA factors, a list of
+        the members' deltas instead, factors kept as factors."""
+        factored = [entry.factors(name) for entry in self.entries]
+        if any(f is not None for f in factored):
+            deltas = [
+                f if f is not None else entry.read(name)
+                for f, entry in zip(factored, self.entries, strict=True)
+            ]
+            return _Inputs(name, deltas, self.cache.get(name, self.fingerprints))
         deltas = self.buffers.take(shape or self.shape(name))
         try:
             for entry, row in zip(self.entries, deltas.unbind(0), strict=True):
@@ -207,15 +221,19 @@ class _Job:
 
     def split(self, inputs: _Inputs) -> _Outputs:
         """The math: member bases (cached ones reused), then the split. No I/O."""
-        name, deltas = inputs.name, inputs.deltas.to(self.target)
+        name = inputs.name
+        if isinstance(inputs.deltas, torch.Tensor):
+            deltas = inputs.deltas.to(self.target)
+            members = list(deltas.unbind(0))
+        else:
+            deltas = members = [_to_device(delta, self.target) for delta in inputs.deltas]
         bases, new_bases = [], {}
-        for member, delta in zip(self.members, deltas.unbind(0), strict=True):
+        for member, delta in zip(self.members, members, strict=True):
             cached = inputs.cached.get(member)
             if cached is not None:
+                dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
                 bases.append(
-                    basis_from_arrays(
-                        cached, cached["attrs"], device=self.target, dtype=delta.dtype
-                    )
+                    basis_from_arrays(cached, cached["attrs"], device=self.target, dtype=dtype)
                 )
                 continue
             basis = member_basis(delta, name=name, member=member, **self.settings.basis_kwargs())
@@ -248,8 +266,16 @@ class _Job:
         }
 
 
-def _own_memory(tensor: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+def _to_device(delta: LowRankDelta | torch.Tensor, device: torch.device):
+    if isinstance(delta, LowRankDelta):
+        return delta.to(delta.dtype, device)
+    return delta.to(device)
+
+
+def _own_memory(tensor: torch.Tensor, buffer: torch.Tensor | list) -> torch.Tensor:
     """`tensor`, copied if it is a view of `buffer` (which will be reused)."""
+    if not isinstance(buffer, torch.Tensor):
+        return tensor
     if tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
         return tensor.clone()
     return tensor
@@ -321,7 +347,7 @@ def decompose_parameters(
         except Exception as error:  # a parameter missing from the first member
             failures[name] = error
     job.buffers.expect(list(shapes.values()))
-    size = {name: len(members) * math.prod(shape) * 4 for name, shape in shapes.items()}
+    size = {name: job.nbytes(name) for name in shapes}
     with (
         ThreadPoolExecutor(1, thread_name_prefix="tvsplit-read") as reading,
         ThreadPoolExecutor(1, thread_name_prefix="tvsplit-write") as writing,

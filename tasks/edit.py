@@ -21,7 +21,7 @@ Methods (``w_i`` is member i's ``weight``, default 1):
   parts as extra task vectors with weight γ: one extra vector mean_i(s_i)
   (``shared_as="mean"``) or T extra vectors s_i (``shared_as="each"``). γ = 0 gives the
   base merge exactly.
-- ``unique_mix``: θ0 + Σ w_i u_i + β · mean_i(s_i).
+- ``unique_mix``: θ0 + α Σ w_i u_i + β · mean_i(s_i) (α = ``scale``, default 1).
 - ``unique_negation``: θ0 − λ Σ w_i u_i.
 - ``general``: θ0 + λ (Σ a_i s_i + Σ b_i u_i), with a_i = ``shared_weight`` and
   b_i = ``unique_weight`` (both default to ``weight``); with ``ties=True`` each group is
@@ -338,8 +338,10 @@ class SharedAugmentedParams(ScaleParams):
 
 
 class UniqueMixParams(NoParams):
-    """Unique mixing: β, the coefficient of the mean shared part."""
+    """Unique mixing: α, the scale of the unique parts, and β, the coefficient of the mean
+    shared part."""
 
+    scale: float = Field(1.0, allow_inf_nan=False, description="α, times every unique part.")
     shared_weight: float = Field(0.0, allow_inf_nan=False, description="β.")
 
 
@@ -557,9 +559,9 @@ def shared_augmented(
 def unique_mix(
     inputs: EditInputs, params: UniqueMixParams, members: Sequence[MemberParams]
 ) -> torch.Tensor:
-    """θ0 + Σ w_i u_i + β · mean_i(s_i)."""
+    """θ0 + α Σ w_i u_i + β · mean_i(s_i)."""
     uniques = [inputs.unique_part(i) for i in range(inputs.members)]
-    delta = _weighted_sum(uniques, [m.weight for m in members])
+    delta = _weighted_sum(uniques, [params.scale * m.weight for m in members])
     if params.shared_weight != 0:
         delta.add_(inputs.mean_shared(), alpha=params.shared_weight)
     return delta

@@ -167,7 +167,7 @@ def sketched_spectrum(
     )
 
 
-def _rule_rank(rule: RankRule, spectrum: Spectrum, m: int, n: int) -> int:
+def rule_rank(rule: RankRule, spectrum: Spectrum, m: int, n: int) -> int:
     """Rank the rule asks for, from what the spectrum shows (before caps)."""
     sigma = spectrum.sigma
     short, long_ = min(m, n), max(m, n)
@@ -222,7 +222,7 @@ def choose_rank(
     use_full = solver == "full" or (solver == "auto" and short <= FULL_SVD_MAX_SHORT_SIDE)
     if not use_full:
         if rule.kind in ("fixed", "fraction"):
-            target = min(cap, _rule_rank(rule, Spectrum(a, a.new_zeros(0), a, 0.0, True), m, n))
+            target = min(cap, rule_rank(rule, Spectrum(a, a.new_zeros(0), a, 0.0, True), m, n))
         else:
             target = min(cap, FIRST_SKETCH_RANK)
         while True:
@@ -231,12 +231,12 @@ def choose_rank(
                 use_full = True  # the sketch would cost about as much as the full SVD
                 break
             spectrum = sketched_spectrum(a, width, generator, POWER_ITERATIONS)
-            wanted = _rule_rank(rule, spectrum, m, n)
+            wanted = rule_rank(rule, spectrum, m, n)
             if rule.kind in ("fixed", "fraction") or wanted < target or target >= cap:
                 break
             target = min(cap, 2 * target)
     if use_full:
         spectrum = full_spectrum(a)
-        wanted = _rule_rank(rule, spectrum, m, n)
+        wanted = rule_rank(rule, spectrum, m, n)
     rank = min(wanted, cap, numerical_rank(spectrum.sigma, m, n))
     return RankChoice(rank, spectrum, "full" if spectrum.complete else "randomized")

@@ -91,7 +91,7 @@ class Server:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the process tree by pid, SIGKILL what is left after `timeout`."""
         procs = self.tree()
         for proc in procs:

@@ -126,6 +126,17 @@ def test_unique_mix_with_all_unique_and_t_times_mean_shared_is_task_arithmetic(f
     assert close(only_unique, family["base"] + sum(inputs.unique))
 
 
+def test_unique_mix_scale_multiplies_the_unique_parts_only(family) -> None:
+    inputs: EditInputs = family["inputs"]
+    params = {"scale": 0.5, "shared_weight": 1.5}
+    mixed = apply_edit("unique_mix", inputs, params)
+    expected = family["base"] + 0.5 * sum(inputs.unique) + 1.5 * sum(inputs.shared) / T
+    assert close(mixed, expected)
+    # α (τ_A + τ_B + …) is unique mixing at scale α with the shared part counted T·α times
+    full = apply_edit("task_arithmetic", inputs, {"scale": 0.5})
+    assert close(apply_edit("unique_mix", inputs, {"scale": 0.5, "shared_weight": 0.5 * T}), full)
+
+
 def test_general_recipe_with_unit_coefficients_is_task_arithmetic(family) -> None:
     inputs: EditInputs = family["inputs"]
     members = [{"shared_weight": 1.0, "unique_weight": 1.0}] * T

@@ -1,0 +1,382 @@
+"""The pipeline as its users run it, against real servers on 127.0.0.1 (`make test-integration`,
+run by `.ci/run` after `make test`).
+
+Started as processes at free ports and stopped by pid: a Prefect server (own PREFECT_HOME),
+a Dask scheduler with two worker processes (one offering ``GPU=1``), an MLflow server
+(SQLite backend, artifacts destination) and moto_server as the S3 endpoint of the
+catalogue. The CLI runs ingest → decompose (``--scheduler``, then ``--gpu``) → edit →
+a small suite evaluation, and each server is asked through its own API what happened. A
+server that cannot start fails the test: nothing here skips.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures_models import finetuned_copy, save_model, tiny_gpt2
+from servers import (
+    LOOPBACK,
+    Server,
+    executable,
+    free_port,
+    http_ok,
+    listening,
+    moto_s3,
+    not_loopback,
+    port_open,
+    start,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "tvsplit-ci"
+FAMILY = "tiny"
+MEMBERS = ("ft1", "ft2", "ft3")
+TIMINGS: dict[str, float] = {}
+
+
+@dataclass
+class Stack:
+    """The running servers and the environment every command gets."""
+
+    root: Path
+    env: dict[str, str]
+    servers: dict[str, Server] = field(default_factory=dict)
+    scheduler: str = ""
+    prefect_api: str = ""
+    mlflow_uri: str = ""
+    catalogue: str = ""
+    workers: dict[str, str] = field(default_factory=dict)  # name → worker address
+
+    def cli(
+        self, *args: str, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Run `tvsplit ARGS` as a user would; fails with its output when it fails."""
+        started = time.perf_counter()
+        done = subprocess.run(
+            [executable("tvsplit"), *args],
+            env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        TIMINGS[" ".join(args[:2])] = time.perf_counter() - started
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"tvsplit {' '.join(args)} exited {done.returncode}\n"
+                f"--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-6000:]}"
+            )
+        return done
+
+    def run(self, *command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            list(command), env=self.env, cwd=self.root, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-3000:]}\n"
+                f"{done.stderr[-5000:]}"
+            )
+        return done
+
+
+def _base_env(root: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "MLFLOW_", "TVSPLIT_", "AWS_", "DASK_"))
+    }
+    env.update(
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HOME=str(root / "hf"),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Every server started at once (their start-ups overlap), stopped by pid at the end."""
+    started = time.perf_counter()
+    root = tmp_path_factory.mktemp("servers")
+    logs = root / "logs"
+    env = _base_env(root)
+    stack = Stack(root, env)
+    ports = {name: free_port() for name in ("prefect", "scheduler", "mlflow")}
+    prefect_env = {**env, "PREFECT_HOME": str(root / "prefect-home")}
+    pending = {
+        "prefect": (
+            [executable("prefect"), "server", "start", "--host", LOOPBACK,
+             "--port", str(ports["prefect"]), "--no-ui"],
+            prefect_env,
+            lambda: http_ok(f"http://{LOOPBACK}:{ports['prefect']}/api/health"),
+        ),
+        "scheduler": (
+            [executable("dask"), "scheduler", "--host", LOOPBACK, "--port",
+             str(ports["scheduler"]), "--dashboard-address", f"{LOOPBACK}:0"],
+            env,
+            lambda: port_open(ports["scheduler"]),
+        ),
+        "mlflow": (
+            [executable("mlflow"), "server", "--host", LOOPBACK, "--port", str(ports["mlflow"]),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "mlflow-artifacts")],
+            env,
+            lambda: http_ok(f"http://{LOOPBACK}:{ports['mlflow']}/health"),
+        ),
+    }  # fmt: skip
+    try:
+        with moto_s3(logs) as (moto, s3_env):
+            stack.servers["moto"] = moto
+            # Start all, then wait for each: the start-ups run side by side.
+            launched = {
+                name: start(name, cmd, ready=lambda: True, logs=logs, env=e)
+                for name, (cmd, e, _) in pending.items()
+            }
+            stack.servers.update(launched)
+            for name, (_, _, ready) in pending.items():
+                _wait(launched[name], ready, timeout=420)
+            stack.scheduler = f"tcp://{LOOPBACK}:{ports['scheduler']}"
+            stack.prefect_api = f"http://{LOOPBACK}:{ports['prefect']}/api"
+            stack.mlflow_uri = f"http://{LOOPBACK}:{ports['mlflow']}"
+            stack.catalogue = f"s3://{BUCKET}/catalogue.zarr"
+            env.update(
+                s3_env,
+                PREFECT_API_URL=stack.prefect_api,
+                MLFLOW_TRACKING_URI=stack.mlflow_uri,
+                TVSPLIT_CATALOGUE=stack.catalogue,
+            )
+            _make_bucket(s3_env)
+            worker_env = {**env, "OMP_NUM_THREADS": "1"}  # one core each: 2 workers, 2 cores
+            for name, extra in (("cpu-worker", []), ("gpu-worker", ["--resources", "GPU=1"])):
+                stack.servers[name] = start(
+                    name,
+                    [executable("dask"), "worker", stack.scheduler, "--host", LOOPBACK,
+                     "--nworkers", "1", "--nthreads", "1", "--name", name,
+                     "--dashboard-address", f"{LOOPBACK}:0", *extra],
+                    ready=lambda: True, logs=logs, env=worker_env, cwd=root,
+                )  # fmt: skip
+            stack.workers = _wait_for_workers(stack.scheduler, {"cpu-worker", "gpu-worker"})
+            TIMINGS["servers start"] = time.perf_counter() - started
+            yield stack
+    finally:
+        for server in reversed(list(stack.servers.values())):
+            server.stop()
+        _print_timings()
+
+
+def _wait(server: Server, ready, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"{server.name} exited {server.process.returncode}:\n{server.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{server.name} not ready after {timeout:.0f} s:\n{server.log_tail()}"
+            )
+        time.sleep(0.5)
+    server.tree()
+
+
+def _make_bucket(s3_env: dict[str, str]) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=s3_env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"],
+        region_name=s3_env["AWS_DEFAULT_REGION"],
+    )
+    client.create_bucket(Bucket=BUCKET)
+
+
+def _wait_for_workers(scheduler: str, names: set[str], timeout: float = 300) -> dict[str, str]:
+    from distributed import Client
+
+    with Client(scheduler, timeout=60) as client:
+        client.wait_for_workers(len(names), timeout=timeout)
+        client.get_task_stream()  # installs the scheduler's task-stream record from now on
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        return {info["name"]: address for address, info in workers.items()}
+
+
+def _print_timings() -> None:
+    lines = [f"  {name:<28} {seconds:7.1f} s" for name, seconds in TIMINGS.items()]
+    sys.stderr.write("\nintegration timings (shared CPU: noisy)\n" + "\n".join(lines) + "\n")
+
+
+# -- the family --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spec(stack) -> Path:
+    models = stack.root / "models"
+    base = save_model(tiny_gpt2(0, n_layer=1), models / "base")  # few parameters: fewer requests
+    members = {
+        name: finetuned_copy(base, models / name, seed=i + 1) for i, name in enumerate(MEMBERS)
+    }
+    path = stack.root / "spec.yaml"
+    family = {"base": str(base), "members": {m: str(p) for m, p in members.items()}}
+    path.write_text(yaml.safe_dump({"families": {FAMILY: family}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack, spec):
+    """ingest → decompose on the cluster → decompose on the GPU worker → edit, via the CLI."""
+    from distributed import Client
+
+    out: dict[str, object] = {}
+    stack.cli("ingest", str(spec), "--no-progress")
+    with Client(stack.scheduler, timeout=60) as client:
+        t0 = time.time()
+        stack.cli("decompose", FAMILY, "--scheduler", stack.scheduler, "--min-tasks", "2")
+        t1 = time.time()
+        stack.cli("decompose", FAMILY, "--scheduler", stack.scheduler, "--gpu", "--seed", "1")
+        t2 = time.time()
+        stream = client.get_task_stream(start=t0)
+    out["cluster_tasks"] = _jobs(stream, t0, t1)
+    out["gpu_tasks"] = _jobs(stream, t1, t2)
+    recipe = stack.root / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"base": str(stack.root / "models" / "base"), "family": FAMILY,
+             "method": "task_arithmetic", "members": [{"name": "ft1"}, {"name": "ft2"}]}
+        )
+    )  # fmt: skip
+    out["edited"] = stack.root / "edited"
+    stack.cli("edit", str(recipe), "--out", str(out["edited"]))
+    return out
+
+
+def _jobs(stream: list[dict], start: float, stop: float) -> list[tuple[str, str]]:
+    """(key, worker) of the decomposition jobs the scheduler ran between start and stop."""
+    jobs = []
+    for record in stream:
+        key = str(record["key"])
+        if "decompose" not in key:
+            continue
+        began = min(s["start"] for s in record["startstops"])
+        if start <= began <= stop:
+            jobs.append((key, record["worker"]))
+    return jobs
+
+
+def test_decomposition_jobs_ran_on_both_workers_and_gpu_jobs_only_on_the_gpu_worker(
+    stack, pipeline
+):
+    cpu, gpu = stack.workers["cpu-worker"], stack.workers["gpu-worker"]
+    cluster = {worker for _, worker in pipeline["cluster_tasks"]}
+    assert cluster == {cpu, gpu}, pipeline["cluster_tasks"]
+    assert pipeline["gpu_tasks"], "no --gpu jobs were recorded"
+    assert {worker for _, worker in pipeline["gpu_tasks"]} == {gpu}
+
+
+def test_prefect_server_holds_completed_flow_and_task_runs(stack, pipeline):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}),
+        get_client(sync_client=True) as client,
+    ):
+        flow_runs = client.read_flow_runs()
+        task_runs = client.read_task_runs()
+        flows = {f.id: f.name for f in client.read_flows()}
+    names = {flows[r.flow_id] for r in flow_runs}
+    assert {"tvsplit-ingest", "tvsplit-decompose", "tvsplit-edit"} <= names, names
+    assert all(r.state_type.value == "COMPLETED" for r in flow_runs), [
+        (flows[r.flow_id], r.state_name) for r in flow_runs
+    ]
+    decompose_runs = [r for r in flow_runs if flows[r.flow_id] == "tvsplit-decompose"]
+    assert len(decompose_runs) == 2
+    batches = [t for t in task_runs if t.name.startswith("split ")]
+    assert batches and all(t.state_type.value == "COMPLETED" for t in task_runs), [
+        (t.name, t.state_name) for t in task_runs if t.state_type.value != "COMPLETED"
+    ]
+
+
+def test_mlflow_server_holds_runs_metrics_and_artifacts(stack, pipeline):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    experiment = client.get_experiment_by_name("tvsplit-decompose")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.params["family"] == FAMILY
+        assert run.data.metrics["parameters"] > 0
+        assert any(key.startswith("shared_energy/") for key in run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"shared_energy_heatmap.png", "eigenvalue_spectra.png"} <= artifacts, artifacts
+    local = client.download_artifacts(
+        runs[0].info.run_id, "shared_energy_heatmap.png", str(stack.root)
+    )
+    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    edits = client.get_experiment_by_name("tvsplit-edit")
+    assert edits is not None and client.search_runs([edits.experiment_id])
+
+
+def test_a_plain_zarr_reader_reads_the_bucket(stack, pipeline):
+    """No tvsplit: s3fs + zarr find a task vector and a basis where the layout says."""
+    import numpy as np
+    import s3fs
+    import zarr
+
+    fs = s3fs.S3FileSystem(
+        endpoint_url=stack.env["AWS_ENDPOINT_URL"], key=stack.env["AWS_ACCESS_KEY_ID"],
+        secret=stack.env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True,
+    )  # fmt: skip
+    store = zarr.storage.FsspecStore(fs=s3fs.S3FileSystem(
+        endpoint_url=stack.env["AWS_ENDPOINT_URL"], key=stack.env["AWS_ACCESS_KEY_ID"],
+        secret=stack.env["AWS_SECRET_ACCESS_KEY"], asynchronous=True, skip_instance_cache=True,
+    ), path=f"{BUCKET}/catalogue.zarr", read_only=True)  # fmt: skip
+    root = zarr.open_group(store, mode="r", zarr_format=3)
+    family = root[f"families/{FAMILY}"]
+    assert sorted(family["vectors"].group_keys()) == list(MEMBERS)
+    vector = family["vectors/ft1"]
+    assert vector.attrs["tvsplit"]["status"] == "complete"
+    key = next(iter(vector.array_keys()))
+    data = vector[key][...]
+    assert data.dtype == np.float32 and np.isfinite(data).all() and np.abs(data).max() > 0
+    runs = family["decompositions"]
+    run = next(
+        runs[name]
+        for name in runs.group_keys()
+        if runs[name].attrs["tvsplit"]["status"] == "complete"
+    )
+    bases = [run[p]["basis"] for p in run.group_keys() if "basis" in run[p].array_keys()]
+    assert bases
+    basis = bases[0][...]
+    assert basis.ndim == 2 and np.isfinite(basis).all()
+    # The columns of a basis are orthonormal.
+    gram = basis.T @ basis
+    assert np.allclose(gram, np.eye(gram.shape[0]), atol=1e-4)
+    assert fs.exists(f"{BUCKET}/catalogue.zarr/zarr.json")
+
+
+def test_edited_model_loads_with_transformers(pipeline):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pipeline["edited"])
+    logits = model(torch.arange(8)[None]).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+def test_every_server_listens_on_loopback_only(stack, pipeline):
+    sockets = [s for server in stack.servers.values() for s in listening(server.tree())]
+    assert sockets  # the check reads something
+    assert not not_loopback(sockets), not_loopback(sockets)
