@@ -19,7 +19,11 @@ from tvsplit.flows.recipe import Recipe, load_recipe
 from tvsplit.flows.settings import load_settings
 from tvsplit.flows.tracking import use_experiment
 from tvsplit.storage.catalogue import Catalogue
-from tvsplit.storage.model_folder import ModelFolderWriter
+from tvsplit.storage.model_folder import (
+    FolderReplacement,
+    ModelFolderWriter,
+    recover_replacement,
+)
 from tvsplit.storage.sources import open_source
 from tvsplit.tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
 from tvsplit.tasks.lora_export import write_lora_adapter
@@ -69,11 +73,26 @@ def model_card(recipe: Recipe, sources: dict[str, Any], catalogue: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lora_folder(output: Path) -> Path:
+    """Where the LoRA export of the model at ``output`` goes: ``<output>-lora`` beside it."""
+    return output.with_name(output.name + "-lora")
+
+
 @task(name="write-edited-model")
 def write_edited_model(
-    recipe: Recipe, catalogue_url: str, output: Path, lora_rank: int | None, show_progress: bool
+    recipe: Recipe,
+    catalogue_url: str,
+    output: Path,
+    lora_rank: int | None,
+    show_progress: bool,
+    overwrite: bool = False,
 ) -> EditResult:
-    """Stream the edited model into ``output`` (atomic: it appears only when complete)."""
+    """Stream the edited model into ``output``, and its LoRA export into ``<output>-lora``.
+
+    Both folders are built beside their targets and put in place together by one
+    ``FolderReplacement`` only when both are complete; an existing ``<output>-lora`` that
+    this edit does not replace is removed in the same step (an old adapter never sits beside
+    a new model). A failed or killed edit leaves the previous folders as they were."""
     catalogue = Catalogue(catalogue_url)
     edit = recipe.edit_method
     plan = plan_edit(
@@ -91,12 +110,16 @@ def write_edited_model(
     result = EditResult(output=output, sources=lineage(catalogue, plan))
     card = model_card(recipe, result.sources, catalogue_url)
     lora_deltas: list[tuple[str, Any]] = []
+    adapter = lora_folder(output)
+    replacement = FolderReplacement(overwrite=overwrite)
     with (
+        replacement,
         progress_bars(show_progress) as progress,
         ModelFolderWriter(
-            output, copy_from=base.location if base.location.is_dir() else None, model_card=card
+            output, copy_from=base.location if base.location.is_dir() else None, model_card=card,
+            replacement=replacement,
         ) as writer,
-    ):
+    ):  # fmt: skip
         job = progress.add_task(f"editing {recipe.family}", total=len(base.checkpoint))
         for name, tensor, how in edited_tensors(plan, base.checkpoint, fallback):
             writer.add(name, tensor)
@@ -119,15 +142,18 @@ def write_edited_model(
             else:
                 result.copied[name] = how
             progress.advance(job)
+        writer.close()
+        if lora_rank and lora_deltas:
+            report = write_lora_adapter(
+                adapter, iter(lora_deltas), rank=lora_rank,
+                fan_in_fan_out=_is_conv1d(base.location), base_model_name_or_path=recipe.base,
+                replacement=replacement,
+            )  # fmt: skip
+            result.lora, result.lora_max_error = adapter, report.max_relative_error
+        elif adapter.exists():
+            replacement.remove(adapter)
     assert writer.summary is not None
     result.files = writer.summary.files
-    if lora_rank and lora_deltas:
-        lora_dir = output.with_name(output.name + "-lora")
-        report = write_lora_adapter(
-            lora_dir, iter(lora_deltas), rank=lora_rank, fan_in_fan_out=_is_conv1d(base.location),
-            base_model_name_or_path=recipe.base, overwrite=True,
-        )  # fmt: skip
-        result.lora, result.lora_max_error = lora_dir, report.max_relative_error
     return result
 
 
@@ -139,6 +165,19 @@ def _is_conv1d(folder: Path) -> bool:
     import json
 
     return json.loads(config.read_text()).get("model_type") in {"gpt2", "gpt_neo", "codegen"}
+
+
+def check_output(target: Path, *, overwrite: bool) -> None:
+    """Refuse an output that exists (without ``overwrite``) or is not a folder; finish a
+    replacement a killed edit left half done first."""
+    recover_replacement(target)
+    for path in (target, lora_folder(target)):
+        if path.exists() and not path.is_dir():
+            raise EditPlanError(
+                f"output: {path} is a file, not a model folder; choose another --out"
+            )
+        if path.exists() and not overwrite:
+            raise EditPlanError(f"output: {path} exists; pass --overwrite or choose another --out")
 
 
 @flow(name="tvsplit-edit", log_prints=True)
@@ -154,14 +193,11 @@ def edit_model(
     """Apply the recipe at ``recipe_path`` and write the edited model folder."""
     recipe = load_recipe(recipe_path)
     settings = load_settings(catalogue=catalogue_url)
-    target = Path(output or recipe.output or f"tvsplit-data/models/{recipe.family}-{recipe.method}")
-    if target.exists() and not overwrite:
-        raise EditPlanError(f"output: {target} exists; pass --overwrite or choose another --out")
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    result = write_edited_model(recipe, settings.catalogue, target, lora_rank, show_progress)
+    target = Path(output or recipe.output or settings.models / f"{recipe.family}-{recipe.method}")
+    check_output(target, overwrite=overwrite)
+    result = write_edited_model(
+        recipe, settings.catalogue, target, lora_rank, show_progress, overwrite
+    )
     if track:
         import mlflow
 

@@ -15,21 +15,30 @@ DATA_DIR = Path("tvsplit-data")
 
 
 class Settings(BaseSettings):
-    """Where tvsplit keeps its data and tracks its runs."""
+    """Where tvsplit keeps its data and tracks its runs.
+
+    ``data`` (``TVSPLIT_DATA``) is the data folder; the catalogue, the MLflow store, its
+    artifacts and edited models default to places inside it unless set on their own."""
 
     model_config = SettingsConfigDict(env_prefix="TVSPLIT_", extra="ignore")
 
+    data: Path = Field(
+        default=DATA_DIR, description="Data folder: default home of everything below."
+    )
     catalogue: str = Field(
-        default=str(DATA_DIR / "catalogue.zarr"),
-        description="Catalogue location: a local path or any fsspec URL (s3://bucket/cat.zarr).",
+        default="",
+        description="Catalogue location: a local path or any fsspec URL (s3://bucket/cat.zarr); "
+        "default <data>/catalogue.zarr.",
     )
     tracking_uri: str = Field(
-        default=f"sqlite:///{DATA_DIR}/mlflow.db",
-        description="MLflow tracking URI; MLFLOW_TRACKING_URI, when set, wins over the default.",
+        default="",
+        description="MLflow tracking URI (default sqlite:///<data>/mlflow.db); "
+        "MLFLOW_TRACKING_URI, when set, wins over the default.",
     )
     artifacts: str = Field(
-        default=str(DATA_DIR / "mlartifacts"),
-        description="Where MLflow artifacts go with the default local tracking store.",
+        default="",
+        description="Where MLflow artifacts go with the default local tracking store "
+        "(default <data>/mlartifacts).",
     )
     prefect: Literal["local", "ephemeral"] = Field(
         default="local",
@@ -39,9 +48,25 @@ class Settings(BaseSettings):
         ),
     )
     prefect_home: str = Field(
-        default=str(DATA_DIR / "prefect"),
-        description="The local Prefect server's home: its database, log, pid and port record.",
+        default="",
+        description="The local Prefect server's home: its database, log, pid and port record "
+        "(default <data>/prefect).",
     )
+    models: Path = Field(
+        default=Path(""), description="Default folder of edited models (default <data>/models)."
+    )
+
+    def model_post_init(self, context: object, /) -> None:
+        if not self.catalogue:
+            self.catalogue = str(self.data / "catalogue.zarr")
+        if not self.tracking_uri:
+            self.tracking_uri = f"sqlite:///{self.data}/mlflow.db"
+        if not self.artifacts:
+            self.artifacts = str(self.data / "mlartifacts")
+        if not self.prefect_home:
+            self.prefect_home = str(self.data / "prefect")
+        if self.models == Path(""):
+            self.models = self.data / "models"
 
 
 def load_settings(**overrides: object) -> Settings:

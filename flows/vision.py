@@ -70,7 +70,7 @@ def export_recipe(
 @flow(name="tvsplit-vision-suite", log_prints=True)
 def vision_suite(
     preset: str = "full",
-    data_root: str = "tvsplit-data",
+    data_root: str | None = None,
     catalogue_url: str | None = None,
     workers: int = 2,
     track: bool = True,
@@ -84,6 +84,7 @@ def vision_suite(
         console.log(message, markup=False, highlight=False)  # "[one-sided]" is not markup
 
     settings = load_settings(catalogue=catalogue_url)
+    data_root = str(data_root or settings.data)
     zoo_config = ZooConfig.full() if preset == "full" else ZooConfig.small()
     bench_config = BenchmarkConfig() if preset == "full" else BenchmarkConfig.small()
     timings: dict[str, float] = {}

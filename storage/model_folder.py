@@ -13,10 +13,12 @@ folder gets diffusers' names instead (``diffusion_pytorch_model.safetensors``, s
 the like load it.
 
 Guarantees: the folder is built in a temporary folder beside the target
-(``.<name>.tmp-<random>``) and renamed into place only after the last file is written, so a
-folder at the target is always complete; an exception inside the ``with`` block (or
-``abort()``) removes the temporary folder and leaves the target untouched. A process killed
-outright can leave a ``.<name>.tmp-*`` folder beside the target, never a folder at it.
+(``.<name>.tmp-<random>``) and moved into place only after the last file is written, so a
+folder at the target is always complete; an existing target is replaced in one atomic
+exchange (``FolderReplacement``), never removed before its replacement is complete. An
+exception inside the ``with`` block removes the temporary folder and leaves the target
+untouched. A process killed outright can leave a ``.<name>.tmp-*`` folder beside the target
+(removed by ``tvsplit catalogue gc``-style clean-up), never a partial folder at it.
 Memory: tensors are held until their shard is written, so at most one shard
 (``max_shard_bytes``, plus one tensor) is buffered.
 """
@@ -26,16 +28,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import torch
 from safetensors.torch import save_file
-from tvsplit.storage.errors import StorageError
+from tvsplit.storage.folders import (
+    FolderError,
+    FolderReplacement,
+    atomic_folder,
+    exchange_folders,
+    recover_replacement,
+)
 from tvsplit.storage.model_files import SIDE_FILE_NAMES, side_files
 
 __all__ = [
@@ -43,11 +50,14 @@ __all__ = [
     "DIFFUSERS_LAYOUT",
     "MODEL_FILES",
     "TRANSFORMERS_LAYOUT",
+    "FolderReplacement",
     "ModelFolderError",
     "ModelFolderSummary",
     "ModelFolderWriter",
     "WeightLayout",
     "atomic_folder",
+    "exchange_folders",
+    "recover_replacement",
     "weight_layout",
     "write_model_folder",
 ]
@@ -100,47 +110,8 @@ def weight_layout(base_folder: str | Path | None) -> WeightLayout:
     return TRANSFORMERS_LAYOUT
 
 
-class ModelFolderError(StorageError):
+class ModelFolderError(FolderError):
     """A model folder that cannot be written as asked; the message names the folder/tensor."""
-
-
-def _temporary_beside(target: Path, tag: str) -> Path:
-    return target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
-
-
-@contextmanager
-def atomic_folder(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; rename it to ``target`` when the
-    block ends without an exception, delete it otherwise.
-
-    Raises ModelFolderError if ``target`` exists and ``overwrite`` is False (checked before
-    and after the block). With ``overwrite`` an existing target is replaced only once the
-    new folder is complete.
-    """
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise ModelFolderError(f"{target}: already exists; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_beside(target, "tmp")
-    temporary.mkdir()
-    try:
-        yield temporary
-        _move_into_place(temporary, target, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-
-
-def _move_into_place(temporary: Path, target: Path, *, overwrite: bool) -> None:
-    if not target.exists():
-        os.rename(temporary, target)
-        return
-    if not overwrite:
-        raise ModelFolderError(f"{target}: appeared while writing; the new folder was discarded")
-    retired = _temporary_beside(target, "old")
-    os.rename(target, retired)
-    os.rename(temporary, target)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -180,6 +151,7 @@ class ModelFolderWriter:
         metadata: Mapping[str, str] | None = None,
         overwrite: bool = False,
         layout: WeightLayout | None = None,
+        replacement: FolderReplacement | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ModelFolderError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
@@ -194,6 +166,7 @@ class ModelFolderWriter:
         self.extra_files = dict(extra_files or {})
         self.metadata = {**(metadata or {}), "format": "pt"}
         self.overwrite = overwrite
+        self.replacement = replacement
         self.summary: ModelFolderSummary | None = None
         self._context: AbstractContextManager[Path] | None = None
         self._folder: Path | None = None
@@ -207,7 +180,10 @@ class ModelFolderWriter:
 
     # -- context management
     def __enter__(self) -> ModelFolderWriter:
-        self._context = atomic_folder(self.target, overwrite=self.overwrite)
+        if self.replacement is not None:  # the caller commits it (with other folders)
+            self._context = nullcontext(self.replacement.stage(self.target))
+        else:
+            self._context = atomic_folder(self.target, overwrite=self.overwrite)
         self._folder = self._context.__enter__()
         return self
 
@@ -220,7 +196,7 @@ class ModelFolderWriter:
         assert self._context is not None
         context = self._context
         try:
-            if exc_type is None:
+            if exc_type is None and self.summary is None:
                 self._write_remaining()
         except BaseException as error:
             context.__exit__(type(error), error, error.__traceback__)
@@ -231,6 +207,14 @@ class ModelFolderWriter:
             self._context = None
             self._folder = None
             self._buffer.clear()
+
+    def close(self) -> ModelFolderSummary:
+        """Write what is buffered, the index and the side files now (the ``with`` block's end
+        then only moves the folder into place); returns the summary."""
+        if self.summary is None:
+            self._write_remaining()
+        assert self.summary is not None
+        return self.summary
 
     def _require_open(self) -> Path:
         if self._folder is None or self._context is None:

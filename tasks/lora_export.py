@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tvsplit.storage.model_folder import atomic_folder
+from tvsplit.storage.model_folder import FolderReplacement, atomic_folder
 from tvsplit.tasks.task_vector import all_finite
 
 __all__ = [
@@ -123,6 +124,7 @@ def write_lora_adapter(
     base_model_name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    replacement: FolderReplacement | None = None,
 ) -> LoraExportReport:
     """Write a PEFT LoRA adapter folder from ``(module name, ΔW)`` pairs, consumed one at a
     time (only the factors are kept).
@@ -131,7 +133,9 @@ def write_lora_adapter(
     as ``target_modules``; weights are saved under PEFT's keys
     ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``. A module whose smaller
     dimension is below ``rank`` gets that rank through ``rank_pattern``/``alpha_pattern``
-    (scale stays 1). The folder appears at ``target`` only when complete.
+    (scale stays 1). The folder appears at ``target`` only when complete; with
+    ``replacement`` it is staged there and appears when the caller commits it (together with
+    the model it belongs to).
     """
     from peft import LoraConfig  # heavy import, only when writing
 
@@ -164,7 +168,12 @@ def write_lora_adapter(
         base_model_name_or_path=base_model_name_or_path,
         inference_mode=True,
     )
-    with atomic_folder(target, overwrite=overwrite) as folder:
+    context = (
+        atomic_folder(target, overwrite=overwrite)
+        if replacement is None
+        else nullcontext(replacement.stage(target))
+    )
+    with context as folder:
         config.save_pretrained(str(folder))
         save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return LoraExportReport(

@@ -226,3 +226,80 @@ def test_suite_in_memory_edit_equals_the_edit_flow(pipeline, tmp_path, method, p
     ft1 = _weights(pipeline["ft1"])
     for name, tensor in own.items():
         torch.testing.assert_close(tensor, ft1[name], atol=1e-6, rtol=0)
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_failed_overwrite_leaves_model_and_adapter_byte_identical(pipeline, tmp_path, monkeypatch):
+    """An edit that fails part-way (after tensors were written) with --overwrite over an
+    existing model and its adapter leaves both exactly as they were, and nothing beside."""
+    import tvsplit.flows.edit as edit_flow
+
+    out = tmp_path / "out"
+    recipe = _recipe(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1"}])
+    edit_model(
+        recipe, output=str(out), catalogue_url=pipeline["url"], lora_rank=4, track=False,
+        show_progress=False,
+    )  # fmt: skip
+    before = {p.name: _tree(p) for p in tmp_path.iterdir() if p.is_dir()}
+    assert set(before) == {"out", "out-lora"}
+    real = edit_flow.edited_tensors
+
+    def fails_part_way(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 5:
+                raise RuntimeError("disk full")
+            yield item
+
+    monkeypatch.setattr(edit_flow, "edited_tensors", fails_part_way)
+    with pytest.raises(RuntimeError, match="disk full"):
+        edit_model(
+            recipe, output=str(out), catalogue_url=pipeline["url"], lora_rank=4, overwrite=True,
+            track=False, show_progress=False,
+        )  # fmt: skip
+    with pytest.raises(EditPlanError, match=r"members\[0\]\.name"):
+        edit_model(
+            _recipe(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "nope"}]),
+            output=str(out), catalogue_url=pipeline["url"], overwrite=True, track=False,
+        )  # fmt: skip
+    after = {p.name: _tree(p) for p in tmp_path.iterdir() if p.is_dir()}
+    assert after == before
+
+
+def test_overwrite_without_lora_removes_the_old_adapter(pipeline, tmp_path):
+    out = tmp_path / "out"
+    first = _recipe(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1"}])
+    edit_model(
+        first, output=str(out), catalogue_url=pipeline["url"], lora_rank=4, track=False,
+        show_progress=False,
+    )  # fmt: skip
+    with pytest.raises(EditPlanError, match="exists; pass --overwrite"):
+        edit_model(first, output=str(out), catalogue_url=pipeline["url"], track=False)
+    second = _recipe(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft2"}])
+    result = edit_model(
+        second, output=str(out), catalogue_url=pipeline["url"], overwrite=True, track=False,
+        show_progress=False,
+    )  # fmt: skip
+    assert result.lora is None and not (tmp_path / "out-lora").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert torch.allclose(_weights(out)[name], _weights(pipeline["ft2"])[name], atol=1e-6)
+
+
+def test_output_that_is_a_file_is_refused(pipeline, tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(EditPlanError, match="is a file, not a model folder"):
+        _edit(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1"}])
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_default_output_is_under_the_data_folder(pipeline, tmp_path, monkeypatch):
+    monkeypatch.setenv("TVSPLIT_DATA", str(tmp_path / "data"))
+    result = edit_model(
+        _recipe(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1"}]),
+        catalogue_url=pipeline["url"], track=False, show_progress=False,
+    )  # fmt: skip
+    assert result.output == tmp_path / "data" / "models" / "tiny-task_arithmetic"
+    assert (result.output / "config.json").is_file()

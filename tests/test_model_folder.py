@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tvsplit.storage.folders import FolderError
 from tvsplit.storage.model_folder import (
     INDEX_FILE,
     ModelFolderError,
@@ -124,7 +125,7 @@ def test_interrupted_write_leaves_no_folder_at_the_target(tmp_path: Path) -> Non
 def test_existing_target_is_kept_unless_overwrite(tmp_path: Path) -> None:
     target = tmp_path / "out"
     write_model_folder(target, {"a": torch.ones(1)})
-    with pytest.raises(ModelFolderError, match="already exists"):
+    with pytest.raises(FolderError, match="already exists"):
         write_model_folder(target, {"a": torch.zeros(1)})
     writer = ModelFolderWriter(target, overwrite=True)
     with pytest.raises(RuntimeError, match="stop"), writer:
