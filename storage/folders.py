@@ -226,9 +226,7 @@ class FolderReplacement:
             if staged is not None:
                 _fsync_folder(staged)
             if not self.overwrite and staged is not None and target.exists():
-                raise FolderError(
-                    f"{target}: appeared while writing; the new folder was discarded"
-                )
+                raise FolderError(f"{target}: appeared while writing; the new folder was discarded")
             entries.append(
                 {
                     "target": str(target),
@@ -293,9 +291,7 @@ def recover_replacement(target: str | Path) -> bool:
         raise FolderError(f"{journal}: unreadable replacement journal: {error}") from error
     pid = int(record.get("pid", -1))
     if record.get("host") == socket.gethostname() and pid != os.getpid() and _pid_alive(pid):
-        raise FolderError(
-            f"{target}: process {record['pid']} is replacing this folder right now"
-        )
+        raise FolderError(f"{target}: process {record['pid']} is replacing this folder right now")
     _roll_forward(journal, record)
     return True
 

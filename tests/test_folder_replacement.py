@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import tvsplit.storage.folders as model_folder
 from tvsplit.storage.folders import (
-    FolderReplacement,
     FolderError,
+    FolderReplacement,
     atomic_folder,
     exchange_folders,
     recover_replacement,
