@@ -6,7 +6,7 @@ This module builds its own typer app; `tvsplit.flows.cli` attaches it (no import
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -14,36 +14,32 @@ from rich.table import Table
 from tvsplit.flows.console import fail as _fail
 from tvsplit.flows.console import out as _out
 from tvsplit.flows.settings import load_settings, prefect_run_settings
+from tvsplit.flows.settings_cli import settings_flags
 from tvsplit.storage.errors import format_validation_error
 
 app = typer.Typer()  # attached at the top level by tvsplit.flows.cli
 
 
+def _split_flags() -> dict:
+    """The flags of `tvsplit decompose`: SplitSettings' fields, then every registered
+    estimator's parameters (declared once, in the models)."""
+    from tvsplit.tasks.estimators import available_estimators, estimator_fields
+    from tvsplit.tasks.split_settings import SplitSettings
+
+    fields = {**SplitSettings.model_fields, **estimator_fields()}
+    return {
+        "fields": fields,
+        "choices": {"method": available_estimators()},
+    }
+
+
 @app.command("decompose")
+@settings_flags(**_split_flags())
 def decompose_command(
     family: Annotated[str, typer.Argument(help="Family in the catalogue.")],
     members: Annotated[
         list[str] | None, typer.Option("--member", "-m", help="Members to split (default: all).")
     ] = None,
-    method: str = typer.Option(
-        "mean-projector", help="mean-projector | projector-product | pairwise."
-    ),
-    threshold: float = typer.Option(
-        0.85, help="Eigenvalue threshold τ (mean-projector, projector-product)."
-    ),
-    min_tasks: int | None = typer.Option(
-        None, help="Shared by at least this many members (overrides τ)."
-    ),
-    rank: str = typer.Option(
-        "gavish-donoho", help="gavish-donoho | energy:E | fixed:R | fraction:F."
-    ),
-    max_rank_fraction: float = typer.Option(
-        0.25, help="Cap on each member's rank (share of the short side)."
-    ),
-    side: str = typer.Option("left", help="left | right | auto (auto: the smaller dimension)."),
-    two_sided: bool = typer.Option(False, help="Also project on the right singular space."),
-    one_d: str = typer.Option("unique", help="1-D parameters: unique | rank1."),
-    seed: int = typer.Option(0, help="Seed of the randomized sketches."),
     scheduler: str | None = typer.Option(
         None, help="Dask scheduler address (default: a LocalCluster)."
     ),
@@ -51,18 +47,17 @@ def decompose_command(
     gpu: bool = typer.Option(False, help="Run jobs on workers offering a GPU resource."),
     catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
     track: bool = typer.Option(True, help="Log the run to MLflow."),
+    **split: Any,
 ) -> None:
-    """Split every parameter of FAMILY into shared and unique parts (resumable)."""
+    """Split every parameter of FAMILY into shared and unique parts (resumable). The split
+    flags are SplitSettings' fields and the registered estimators' parameters."""
     from tvsplit.flows.decompose import DecomposeError, run_decompose
     from tvsplit.flows.tracking import ui_hint
     from tvsplit.storage.errors import StorageError
-    from tvsplit.tasks.decompose_job import SplitSettings
+    from tvsplit.tasks.split_settings import SplitSettings
 
     try:
-        settings = SplitSettings(
-            method=method, threshold=threshold, min_tasks=min_tasks, rank=rank,
-            max_rank_fraction=max_rank_fraction, side=side, two_sided=two_sided, one_d=one_d, seed=seed,
-        )  # fmt: skip
+        settings = SplitSettings(**split)
     except ValidationError as error:
         _fail(format_validation_error(error, flag=True))
     app_settings = load_settings(catalogue=catalogue)

@@ -5,7 +5,9 @@ Public API:
 
 - ``member_basis(delta, ...)``: one member's signal subspace U_i (cacheable per member);
 - ``split_from_bases(deltas, bases, ...)``: the shared subspace and the split, from bases;
-- ``decompose_layer(deltas, ...)``: the two in sequence.
+- ``decompose_layer(deltas, ...)``: the two in sequence;
+- ``SplitSettings``: every setting of a split in one typed model (`tasks.split_settings`);
+  the estimators are registered in `tasks.estimators`.
 
 Guarantees (tested): shared + unique = delta (relative error ≤ 1e-6 in float32, ≤ 1e-12 in
 float64); ⟨shared_i, unique_i⟩_F = 0, and with one S for the family also
@@ -30,11 +32,15 @@ are computed without its dense ΔW, and its parts are formed only when asked for
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from pydantic import ValidationError
+from tvsplit.storage.errors import format_validation_error
 from tvsplit.storage.lowrank import LowRankDelta
+from tvsplit.tasks.estimators import Estimator, EstimatorError, get_estimator
 from tvsplit.tasks.lowrank import Factors, factored_spectrum
 from tvsplit.tasks.ranks import (
     RankChoice,
@@ -45,17 +51,9 @@ from tvsplit.tasks.ranks import (
     rank_cap,
     rule_rank,
 )
-from tvsplit.tasks.subspaces import (
-    mean_projector,
-    mean_projector_chance,
-    pairwise,
-    pairwise_chance,
-    projector_product,
-    projector_product_chance,
-)
+from tvsplit.tasks.split_settings import SplitSettings
 from tvsplit.tasks.task_vector import all_finite, energy
 
-METHODS = ("mean-projector", "projector-product", "pairwise")
 SIDES = ("left", "right", "auto")
 ONE_D_POLICIES = ("unique", "rank1")
 SOLVERS = ("auto", "full", "randomized")
@@ -422,44 +420,16 @@ def _orient_members(
 
 
 def _resolve_threshold(
-    method: str, threshold: float, min_tasks: int | None, members: int, name: str | None
-) -> float:
-    if method not in METHODS:
-        raise DecompositionError(f"method must be one of {METHODS}, not {method!r}")
-    if min_tasks is not None and not 1 <= min_tasks <= members:
-        raise DecompositionError(
-            f"{_where(name)}: min_tasks must be between 1 and {members}, not {min_tasks}"
-        )
-    if method == "pairwise":
-        return (2 if min_tasks is None else min_tasks) - 1.5
-    if method == "projector-product" and min_tasks not in (None, members):
-        raise DecompositionError(
-            f"{_where(name)}: projector-product finds only directions shared by all {members} "
-            f"members; min_tasks={min_tasks} needs mean-projector or pairwise"
-        )
-    if min_tasks is not None and method == "mean-projector":
-        return (min_tasks - 0.5) / members
-    if not 0 < threshold <= 1:
-        raise DecompositionError(f"{_where(name)}: threshold must be in (0, 1], not {threshold}")
-    return threshold
-
-
-def _estimate(method: str, bases: list[torch.Tensor], threshold: float, min_tasks: int | None):
-    if method == "mean-projector":
-        return mean_projector(bases, threshold)
-    if method == "projector-product":
-        return projector_product(bases, threshold)
-    return pairwise(bases, 2 if min_tasks is None else min_tasks)
-
-
-def _chance(
-    method: str, ranks: list[int], dim: int, like: torch.Tensor
-) -> float | tuple[float, ...]:
-    if method == "mean-projector":
-        return mean_projector_chance(ranks, dim)
-    if method == "projector-product":
-        return projector_product_chance(ranks, dim, like)
-    return pairwise_chance(ranks, dim, like)
+    estimator: Estimator, params: Mapping[str, Any], members: int, name: str | None
+) -> tuple[Any, float]:
+    """The estimator's validated parameters and its cut for a family of `members`."""
+    try:
+        parsed = estimator.parse(params)
+        return parsed, estimator.threshold(parsed, members)
+    except ValidationError as error:
+        raise DecompositionError(f"{_where(name)}: {format_validation_error(error)}") from None
+    except ValueError as error:
+        raise DecompositionError(f"{_where(name)}: {error}") from None
 
 
 def split_from_bases(
@@ -473,10 +443,13 @@ def split_from_bases(
     one_d: str = "unique",
     name: str | None = None,
     member_names: Sequence[str] | None = None,
+    **params: Any,
 ) -> LayerSplit:
     """Estimate the shared subspace from the members' bases and split every member.
 
-    ``method``: ``"mean-projector"`` (default), ``"projector-product"`` or ``"pairwise"``.
+    ``method``: a registered split estimator (`tasks.estimators`): ``"mean-projector"``
+    (default), ``"projector-product"``, ``"pairwise"`` or a plugin's; ``params`` are the
+    estimator's own parameters beyond ``threshold`` and ``min_tasks``.
     ``min_tasks=j`` means "shared by at least j members" and overrides ``threshold``
     (mean-projector: τ = (j − ½)/T; pairwise: found in ≥ j − 1 others, default j = 2,
     ``threshold`` unused). ``two_sided`` also projects on the right with R built the same
@@ -485,6 +458,19 @@ def split_from_bases(
     when members are nearly collinear); they are always one-sided. ``deltas`` may mix dense
     and factored (``LowRankDelta``) members.
     """
+    try:
+        estimator = get_estimator(method)
+    except EstimatorError as error:
+        raise DecompositionError(str(error)) from None
+    # The arguments the estimator declares (a pairwise split has no τ): the rest are unused.
+    given = {"threshold": threshold, "min_tasks": min_tasks, **params}
+    declared = {key: value for key, value in given.items() if key in estimator.fields()}
+    unknown = sorted(set(params) - set(estimator.fields()))
+    if unknown:
+        raise DecompositionError(
+            f"{_where(name)}: {method} has no parameter {unknown[0]!r} "
+            f"(its parameters: {', '.join(estimator.fields()) or 'none'})"
+        )
     stack = _as_stack(deltas, name, member_names)
     members = len(stack)
     if len(bases) != members:
@@ -500,7 +486,7 @@ def split_from_bases(
                 f"{_where(name, label)}: basis was made for shape {tuple(basis.shape)} side "
                 f"{basis.side!r}, but the deltas have shape {tuple(param_shape)} side {side!r}"
             )
-    tau = _resolve_threshold(method, threshold, min_tasks, members, name)
+    _, tau = _resolve_threshold(estimator, declared, members, name)
     oriented, param_shape, dtype = _orient_members(stack, side)
     compute = oriented.dtype if isinstance(oriented, torch.Tensor) else dtype
     ranks = tuple(b.rank for b in bases)
@@ -512,10 +498,10 @@ def split_from_bases(
         ranks = tuple(0 for _ in bases)
     else:
         left = [b.left.to(compute) for b in bases]
-    basis, eigenvalues = _estimate(method, left, tau, min_tasks)
+    basis, eigenvalues = estimator.estimate(left, tau)
     right_basis = None
     if two_sided:
-        right_basis, _ = _estimate(method, [b.right.to(compute) for b in bases], tau, min_tasks)
+        right_basis, _ = estimator.estimate([b.right.to(compute) for b in bases], tau)
     coefficients = _coefficients(oriented, basis, right_basis)
     like = left[0]
     return LayerSplit(
@@ -528,7 +514,7 @@ def split_from_bases(
         coefficients=coefficients,
         eigenvalues=eigenvalues,
         ranks=ranks,
-        chance=_chance(method, list(ranks), like.shape[0], like),
+        chance=estimator.chance(list(ranks), like.shape[0], like),
         threshold_used=tau,
         oriented=oriented,
     )
@@ -563,9 +549,20 @@ def decompose_layer(
     solver: str = "auto",
     name: str | None = None,
     member_names: Sequence[str] | None = None,
+    settings: SplitSettings | None = None,
+    **params: Any,
 ) -> LayerSplit:
     """Split one parameter of a family: ``member_basis`` for each member, then
-    ``split_from_bases``. Same arguments, same guarantees."""
+    ``split_from_bases``. Same arguments, same guarantees; ``settings`` (a `SplitSettings`)
+    replaces the split arguments when given."""
+    if settings is not None:
+        return decompose_layer(
+            deltas,
+            **settings.basis_kwargs(),
+            **settings.split_kwargs(),
+            name=name,
+            member_names=member_names,
+        )
     stack = _as_stack(deltas, name, member_names)
     labels = list(member_names) if member_names is not None else list(range(len(stack)))
     bases = [
@@ -591,6 +588,7 @@ def decompose_layer(
         one_d=one_d,
         name=name,
         member_names=member_names,
+        **params,
     )
 
 

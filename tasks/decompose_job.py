@@ -9,19 +9,16 @@ CUDA when the worker has a GPU, else the CPU.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import BasisCache, DecompositionRun
 from tvsplit.storage.lowrank import LowRankDelta
@@ -33,55 +30,12 @@ from tvsplit.tasks.decompose import (
     split_from_bases,
     split_to_arrays,
 )
+from tvsplit.tasks.split_settings import SplitSettings, digest
 
 _log = logging.getLogger(__name__)
 
 
-class SplitSettings(BaseModel):
-    """Everything that determines a split (the arguments of ``decompose_layer``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: Literal["mean-projector", "projector-product", "pairwise"] = "mean-projector"
-    threshold: float = Field(0.85, gt=0, le=1)
-    min_tasks: int | None = Field(None, ge=1)
-    rank: str = "gavish-donoho"
-    max_rank_fraction: float = Field(0.25, gt=0, le=1)
-    side: Literal["left", "right", "auto"] = "left"
-    two_sided: bool = False
-    one_d: Literal["unique", "rank1"] = "unique"
-    seed: int = 0
-    solver: Literal["auto", "full", "randomized"] = "auto"
-
-    def basis_key(self) -> str:
-        """Key of the settings a member basis depends on (rank rule, cap, side, seed, solver).
-        The prefix names the cache layout: ``b2`` packs (``b-`` folders of the per-member
-        layout are never read)."""
-        fields = ("rank", "max_rank_fraction", "side", "seed", "solver")
-        return "b2-" + _digest({name: getattr(self, name) for name in fields}, 12)
-
-    def split_kwargs(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "threshold": self.threshold,
-            "min_tasks": self.min_tasks,
-            "two_sided": self.two_sided,
-            "one_d": self.one_d,
-        }
-
-    def basis_kwargs(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "max_rank_fraction": self.max_rank_fraction,
-            "side": self.side,
-            "seed": self.seed,
-            "solver": self.solver,
-        }
-
-
-def _digest(value: Any, length: int) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+_digest = digest
 
 
 def member_fingerprint(catalogue: Catalogue, family: str, member: str) -> str:

@@ -72,7 +72,13 @@ def pairwise(
     Eigenvalues count, for a direction of U_i, in how many other members it lies (each
     contributes cos² of its angle), so ``min_tasks=j`` keeps those ≥ j − 1 − ½.
     """
-    cut = min_tasks - 1.5
+    return pairwise_cut(bases, min_tasks - 1.5)
+
+
+def pairwise_cut(
+    bases: Sequence[torch.Tensor], cut: float
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """``pairwise`` keeping the directions whose eigenvalue is ≥ ``cut``."""
     shared, spectra = [], []
     for i, u in enumerate(bases):
         gram = u.new_zeros(u.shape[1], u.shape[1])
@@ -113,6 +119,11 @@ def mean_projector_chance(ranks: Sequence[int], dim: int) -> float:
     if sum(ranks) - (len(ranks) - 1) * dim > 0:
         return 1.0
     return _free_edge(tuple(round(r / dim, 4) for r in ranks))
+
+
+def mean_projector_chance_like(ranks: Sequence[int], dim: int, like: torch.Tensor) -> float:
+    """``mean_projector_chance`` with the signature of the other chance levels."""
+    return mean_projector_chance(ranks, dim)
 
 
 def _random_bases(

@@ -127,8 +127,8 @@ def test_empty_and_non_float_tensors():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "svd"}, "method must be one of"),
-        ({"threshold": 1.5}, "threshold must be in"),
+        ({"method": "svd"}, "unknown split method .svd.; known methods: mean-projector"),
+        ({"threshold": 1.5}, "threshold: Input should be less than or equal to 1"),
         ({"min_tasks": 4}, "min_tasks must be between 1 and 3"),
         ({"method": "projector-product", "min_tasks": 2}, "needs mean-projector or pairwise"),
         ({"side": "top"}, "side must be one of"),
