@@ -103,6 +103,15 @@ def edit_command(
     lora_rank: int | None = typer.Option(
         None, help="Also export the edit as a LoRA adapter of this rank."
     ),
+    as_adapter: bool = typer.Option(
+        False,
+        "--as-adapter",
+        help="Write the edit as one exact PEFT LoRA adapter instead of a model folder "
+        "(LoRA families; rank ≤ Σ member ranks + k).",
+    ),
+    rank: int | None = typer.Option(
+        None, "--rank", min=1, help="With --as-adapter: truncate each module to this rank."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
     track: bool = typer.Option(True, help="Log the recipe and lineage to MLflow."),
@@ -112,6 +121,7 @@ def edit_command(
     from tvsplit.flows.recipe import RecipeError
     from tvsplit.flows.tracking import ui_hint
     from tvsplit.storage.errors import StorageError
+    from tvsplit.tasks.adapter_edit import AdapterEditError
     from tvsplit.tasks.edit import EditError
     from tvsplit.tasks.edit_job import EditPlanError
 
@@ -124,9 +134,19 @@ def edit_command(
                 lora_rank=lora_rank,
                 overwrite=overwrite,
                 track=track,
+                as_adapter=as_adapter,
+                rank=rank,
             )
-    except (RecipeError, EditPlanError, EditError, StorageError) as error:
+    except (RecipeError, EditPlanError, EditError, StorageError, AdapterEditError) as error:
         _fail(str(error))
+    if result.adapter is not None:
+        report = result.adapter
+        routes = ", ".join(f"{n} {route}" for route, n in sorted(report.routes().items()))
+        _out.print(
+            f"wrote LoRA adapter {result.output}: {len(report.modules)} module(s) ({routes}), "
+            f"total rank {report.total_rank}, max relative error {report.max_relative_error:.2e}"
+        )
+        return
     _out.print(
         f"wrote {result.output} ({len(result.files)} file(s)): {len(result.edited)} parameter(s) edited, "
         f"{len(result.copied)} tensor(s) copied"

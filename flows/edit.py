@@ -39,6 +39,7 @@ class EditResult:
     files: tuple[str, ...] = ()
     lora: Path | None = None
     lora_max_error: float | None = None
+    adapter: Any = None  # tasks.adapter_edit_job.AdapterEditReport with --as-adapter
     sources: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
 
@@ -157,6 +158,29 @@ def write_edited_model(
     return result
 
 
+@task(name="write-edit-adapter")
+def write_edit_adapter_task(
+    recipe: Recipe, catalogue_url: str, output: Path, rank: int | None, overwrite: bool = False
+) -> EditResult:
+    """The edit as one PEFT LoRA adapter at ``output`` (no dense model is written; an
+    existing folder is replaced only once the new one is complete)."""
+    from tvsplit.tasks.adapter_edit_job import write_edit_adapter
+
+    catalogue = Catalogue(catalogue_url)
+    plan = plan_edit(
+        catalogue, recipe.family, recipe.method, recipe.member_names, recipe.method_params,
+        recipe.member_params, recipe.decomposition, recipe.edit_method.needs_split,
+    )  # fmt: skip
+    report = write_edit_adapter(
+        plan, output, rank=rank, base_model_name_or_path=recipe.base, overwrite=overwrite
+    )
+    result = EditResult(output=output, sources=lineage(catalogue, plan), adapter=report)
+    result.edited = list(report.modules)
+    result.files = ("adapter_config.json", "adapter_model.safetensors")
+    result.lora, result.lora_max_error = output, report.max_relative_error
+    return result
+
+
 def _is_conv1d(folder: Path) -> bool:
     """GPT-2-style models store weights in × out (transformers' Conv1D): LoRA needs fan_in_fan_out."""
     config = folder / "config.json" if folder.is_dir() else None
@@ -189,15 +213,21 @@ def edit_model(
     overwrite: bool = False,
     track: bool = True,
     show_progress: bool = True,
+    as_adapter: bool = False,
+    rank: int | None = None,
 ) -> EditResult:
-    """Apply the recipe at ``recipe_path`` and write the edited model folder."""
+    """Apply the recipe at ``recipe_path`` and write the edited model folder, or with
+    ``as_adapter`` one PEFT LoRA adapter (exact; ``rank`` truncates, error reported)."""
     recipe = load_recipe(recipe_path)
     settings = load_settings(catalogue=catalogue_url)
     target = Path(output or recipe.output or settings.models / f"{recipe.family}-{recipe.method}")
     check_output(target, overwrite=overwrite)
-    result = write_edited_model(
-        recipe, settings.catalogue, target, lora_rank, show_progress, overwrite
-    )
+    if as_adapter:
+        result = write_edit_adapter_task(recipe, settings.catalogue, target, rank, overwrite)
+    else:
+        result = write_edited_model(
+            recipe, settings.catalogue, target, lora_rank, show_progress, overwrite
+        )
     if track:
         import mlflow
 
@@ -228,6 +258,7 @@ def edit_model(
             )
             if result.lora_max_error is not None:
                 mlflow.log_metric("lora_max_relative_error", result.lora_max_error)
-            mlflow.log_artifact(str(target / "README.md"))
+            if (target / "README.md").is_file():
+                mlflow.log_artifact(str(target / "README.md"))
             result.mlflow_run_id = active.info.run_id
     return result

@@ -170,6 +170,17 @@ class LoraAdapter:
         key = parts["bias"] if what == "bias" else parts.get("A") or parts["emb_A"]
         return self.weights.header(key)[1]
 
+    def module_kind(self, name: str) -> str:
+        """How weight `name` relates to lora_A/lora_B: ``linear``, ``conv1d``
+        (fan_in_fan_out), ``embedding`` or ``conv`` (`tasks.lora_export.peft_factors`)."""
+        module, _ = self.deltas[name]
+        parts = self._modules[module].parts
+        if parts.get("emb_A"):
+            return "embedding"
+        if len(self.weights.header(parts["A"])[0]) > 2:
+            return "conv"
+        return "conv1d" if self.config.fan_in_fan_out else "linear"
+
     def factors(self, name: str) -> LowRankDelta:
         """ΔW of weight `name` as its factors (float32), with the scale and orientation."""
         module, what = self.deltas[name]

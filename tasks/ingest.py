@@ -284,6 +284,8 @@ def _lora_plan(base: OpenedSource, member: OpenedSource, job: IngestJob) -> _Pla
                     "use_rslora": bool(config.use_rslora),
                     "fan_in_fan_out": bool(config.fan_in_fan_out),
                 }
+                if what == "weight":
+                    attrs["module_kind"] = adapter.module_kind(key)
                 if key in adapter.stored_base:
                     _check_stored_base(name, base_ckpt[name], adapter, key, where)
                 if what == "weight" and adapter.dora:

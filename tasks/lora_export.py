@@ -28,11 +28,14 @@ from tvsplit.storage.model_folder import FolderReplacement, atomic_folder
 from tvsplit.tasks.task_vector import all_finite
 
 __all__ = [
+    "MODULE_KINDS",
     "LoraExportError",
     "LoraExportReport",
     "LoraPair",
     "lora_from_delta",
+    "peft_factors",
     "write_lora_adapter",
+    "write_module_adapter",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -179,3 +182,85 @@ def write_lora_adapter(
     return LoraExportReport(
         path=Path(target).absolute(), rank=rank, ranks=ranks, relative_errors=errors
     )
+
+
+#: how a module's weight relates to PEFT's lora_A / lora_B (see ``peft_factors``)
+MODULE_KINDS = ("linear", "conv1d", "embedding", "conv")
+
+
+def peft_factors(
+    module: str, kind: str, up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """PEFT's adapter tensors (keys without the ``base_model.model.<module>`` prefix) for a
+    module whose weight change, as a matrix (first dimension × the rest), is up @ down.
+
+    ``linear``: lora_B = up, lora_A = down. ``conv1d`` (fan_in_fan_out: weight in × out) and
+    ``embedding`` (PEFT applies (B A)ᵀ): B = downᵀ, A = upᵀ. ``conv``: lora_B = up as an
+    (out, r, 1, …) kernel, lora_A = down as (r, in, k…)."""
+    r = up.shape[1]
+    if kind == "linear":
+        a, b = down, up
+    elif kind in ("conv1d", "embedding"):
+        a, b = up.T, down.T
+    elif kind == "conv":
+        a = down.reshape(r, *shape[1:])
+        b = up.reshape(shape[0], r, *([1] * (len(shape) - 2)))
+    else:
+        raise LoraExportError(f"{module}: unknown module kind {kind!r} (one of {MODULE_KINDS})")
+    if kind == "embedding":
+        return {"lora_embedding_A": a.contiguous(), "lora_embedding_B": b.contiguous()}
+    return {"lora_A.weight": a.contiguous(), "lora_B.weight": b.contiguous()}
+
+
+def write_module_adapter(
+    target: str | Path,
+    modules: Iterable[tuple[str, str, torch.Tensor, torch.Tensor, tuple[int, ...]]],
+    *,
+    base_model_name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> dict[str, int]:
+    """Write a PEFT LoRA adapter folder from ``(module, kind, up, down, weight shape)`` with
+    ΔW (as a matrix) = up @ down, consumed one module at a time; returns each module's rank.
+
+    Each module keeps its own rank (``rank_pattern``, with ``alpha_pattern`` equal so PEFT's
+    scale is 1); ``fan_in_fan_out`` is set when the modules are Conv1D (a mix of Conv1D and
+    plain linear modules is refused: PEFT has one flag). The folder appears only when
+    complete."""
+    from peft import LoraConfig
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    kinds: set[str] = set()
+    for module, kind, up, down, shape in modules:
+        if module in ranks:
+            raise LoraExportError(f"{module}: given twice")
+        for key, tensor in peft_factors(module, kind, up, down, shape).items():
+            tensors[f"base_model.model.{module}.{key}"] = tensor.to(dtype)
+        ranks[module] = int(up.shape[1])
+        kinds.add(kind)
+    if not ranks:
+        raise LoraExportError(f"{target}: the edit changes no weight matrix; nothing to export")
+    if {"linear", "conv1d"} <= kinds:
+        raise LoraExportError(
+            f"{target}: the modules mix Conv1D (fan_in_fan_out) and linear layers; PEFT's "
+            "fan_in_fan_out is one flag per adapter"
+        )
+    rank = max(ranks.values())
+    pattern = {module: r for module, r in ranks.items() if r != rank}
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(ranks),
+        fan_in_fan_out="conv1d" in kinds,
+        lora_dropout=0.0,
+        bias="none",
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+    )
+    with atomic_folder(target, overwrite=overwrite) as folder:
+        config.save_pretrained(str(folder))
+        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return ranks
