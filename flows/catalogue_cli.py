@@ -192,3 +192,36 @@ def rm_command(
     if not deleted:
         _fail(f"{cat.url}: no entry {entry_label(family, member)}")
     _out.print(f"deleted {entry_label(family, member)}")
+
+
+@catalogue_app.command("verify")
+def verify_command(
+    family: Annotated[str | None, typer.Argument(help="Only this family (default: all).")] = None,
+    catalogue: str | None = CatalogueOption,
+) -> None:
+    """Check every stored array (entries, decomposition runs, cached bases) against its
+    chunk manifest and checksums; exit status 1 if anything is damaged."""
+    from tvsplit.storage.catalogue import Catalogue
+    from tvsplit.storage.errors import StorageError
+    from tvsplit.storage.verify import DAMAGED, UNCHECKED, verify_catalogue
+
+    cat = Catalogue(load_settings(catalogue=catalogue).catalogue)
+    try:
+        rows = verify_catalogue(cat, family)
+    except StorageError as error:
+        _fail(str(error))
+    table = Table("family", "node", "arrays", "MB", "status", "detail")
+    table.columns[-1].overflow = "fold"
+    colour = {DAMAGED: "red", UNCHECKED: "yellow"}
+    for row in rows:
+        status = f"[{colour[row.status]}]{row.status}[/]" if row.status in colour else row.status
+        table.add_row(
+            row.family, row.node, str(row.arrays), f"{row.nbytes / 1e6:.1f}", status, row.detail
+        )
+    _out.print(table)
+    damaged = sum(row.status == DAMAGED for row in rows)
+    unchecked = sum(row.status == UNCHECKED for row in rows)
+    summary = f"{len(rows)} node(s) checked: {damaged} damaged, {unchecked} written before checks"
+    if damaged:
+        _fail(summary)
+    _out.print(summary)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import zarr
 from tvsplit.storage.errors import CatalogueError
+from tvsplit.storage.integrity import MANIFEST, manifest_of, read_checked
 from tvsplit.storage.lowrank import LAYOUT as FACTORS
 from tvsplit.storage.lowrank import LowRankDelta
 from tvsplit.storage.names import check_node_name, param_key, param_name
@@ -179,7 +180,9 @@ class Catalogue:
 
     def array_attrs(self, family: str, name: str, member: str | None = None) -> dict[str, Any]:
         """Provenance attrs of one stored parameter."""
-        return dict(self._array(family, name, member).attrs[ATTRS])
+        attrs = dict(self._array(family, name, member).attrs[ATTRS])
+        attrs.pop(MANIFEST, None)
+        return attrs
 
     def _array(self, family: str, name: str, member: str | None) -> zarr.Array:
         return self.open_entry(family, member).array(name)
@@ -320,7 +323,15 @@ class EntryReader:
         layout = dict(array.attrs.get(ATTRS, {}))
         if layout.get("layout") != FACTORS:
             return None
-        return LowRankDelta.from_packed(torch.from_numpy(np.ascontiguousarray(array[...])), layout)
+        packed = self._checked(name, array, layout)
+        return LowRankDelta.from_packed(torch.from_numpy(np.ascontiguousarray(packed)), layout)
+
+    def _checked(
+        self, name: str, array: zarr.Array, attrs: dict[str, Any], read: Any = None
+    ) -> Any:
+        """``read()`` (default: all of ``array``) after the integrity checks of its chunks."""
+        label = f"{self.label}: parameter {name!r}"
+        return read_checked(array, manifest_of(attrs), label, read)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The parameter's shape (for factors: the dense ΔW's, not the packed array's)."""
@@ -344,7 +355,11 @@ class EntryReader:
             dense = low_rank.dense()
             return dense if rows is None else dense[rows].contiguous()
         array = self.array(name)
-        data = array[...] if rows is None or array.ndim == 0 else array[rows]
+        attrs = dict(array.attrs.get(ATTRS, {}))
+        whole = rows is None or array.ndim == 0
+        data = self._checked(
+            name, array, attrs, (lambda: array[...]) if whole else lambda: array[rows]
+        )
         return torch.from_numpy(np.ascontiguousarray(data))
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
@@ -367,7 +382,10 @@ class EntryReader:
         if low_rank is not None:
             out.copy_(low_rank.dense())
             return out
-        array.get_basic_selection(Ellipsis, out=NDBuffer.from_numpy_array(out.numpy()))
+        self._checked(
+            name, array, dict(array.attrs.get(ATTRS, {})),
+            lambda: array.get_basic_selection(Ellipsis, out=NDBuffer.from_numpy_array(out.numpy())),
+        )  # fmt: skip
         return out
 
 

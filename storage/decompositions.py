@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,13 @@ import torch
 import zarr
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.errors import CatalogueError
+from tvsplit.storage.integrity import (
+    MANIFEST,
+    IntegrityError,
+    check_manifest,
+    manifest_of,
+    read_checked,
+)
 from tvsplit.storage.names import check_node_name, param_key, param_name
 from tvsplit.storage.provenance import tvsplit_version, utc_now
 from tvsplit.storage.writes import (
@@ -41,12 +49,50 @@ from tvsplit.storage.writes import (
 )
 
 ArrayMap = Mapping[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
-def _read_arrays(group: zarr.Group) -> dict[str, torch.Tensor]:
-    return {
-        key: torch.from_numpy(np.ascontiguousarray(array[...])) for key, array in group.arrays()
-    }
+def _read_arrays(group: zarr.Group, label: str) -> dict[str, torch.Tensor]:
+    """Every array of a complete group, each checked against the group's manifest."""
+    attrs = node_attrs(group)
+    has_manifest = MANIFEST in attrs
+    out = {}
+    for key, array in group.arrays():
+        manifest = manifest_of(attrs, key)
+        if has_manifest and manifest is None:
+            raise IntegrityError(f"{label}: array {key!r} is not in the manifest of its group")
+        data = read_checked(array, manifest, f"{label}: array {key!r}")
+        out[key] = torch.from_numpy(np.ascontiguousarray(data))
+    if has_manifest and set(attrs[MANIFEST]) - set(out):
+        missing = sorted(set(attrs[MANIFEST]) - set(out))[0]
+        raise IntegrityError(f"{label}: array {missing!r} is missing; {_RERUN}")
+    return out
+
+
+def _intact(group: zarr.Group) -> bool:
+    """True unless a chunk in the group's manifest is missing or not the recorded one (checked
+    by key, without decoding): a damaged complete parameter counts as not done, so a rerun
+    redoes it."""
+    manifests = node_attrs(group).get(MANIFEST)
+    if not isinstance(manifests, Mapping):
+        return True  # written before manifests
+    for key, manifest in manifests.items():
+        try:
+            array = group[key]
+            assert isinstance(array, zarr.Array)
+            check_manifest(array, manifest, key)
+        except (KeyError, AssertionError, IntegrityError):
+            return False
+    return True
+
+
+_RERUN = "rerun the decomposition (damaged parameters are redone) or remove the run"
+
+
+def _diagnostics(group: zarr.Group) -> dict[str, Any]:
+    attrs = node_attrs(group)
+    attrs.pop(MANIFEST, None)
+    return attrs
 
 
 @dataclass(frozen=True)
@@ -109,7 +155,7 @@ class DecompositionRun:
             group = self._group()
         except CatalogueError:
             return set()
-        return {param_name(key) for key, sub in group.groups() if is_complete(sub)}
+        return {param_name(key) for key, sub in group.groups() if is_complete(sub) and _intact(sub)}
 
     def write_parameter(self, name: str, arrays: ArrayMap, diagnostics: Mapping[str, Any]) -> None:
         """Store one parameter's arrays, then mark it complete with its diagnostics."""
@@ -137,11 +183,12 @@ class DecompositionRun:
     def read_parameter(self, name: str) -> StoredSplit:
         """One parameter's stored split; raises CatalogueError when absent or incomplete."""
         sub = self._complete_parameter(name)
-        return StoredSplit(name, _read_arrays(sub), node_attrs(sub))
+        label = f"{self.label}: parameter {name!r}"
+        return StoredSplit(name, _read_arrays(sub, label), _diagnostics(sub))
 
     def read_diagnostics(self, name: str) -> dict[str, Any]:
         """One parameter's diagnostics without its arrays (CatalogueError as above)."""
-        return node_attrs(self._complete_parameter(name))
+        return _diagnostics(self._complete_parameter(name))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Mark the run complete; raises CatalogueError naming a parameter still missing."""
@@ -166,7 +213,7 @@ def list_runs(catalogue: Catalogue, family: str) -> list[tuple[str, dict[str, An
 
 
 def _unpack(
-    array: zarr.Array, fingerprints: Mapping[str, str], skip: set[str]
+    array: zarr.Array, fingerprints: Mapping[str, str], skip: set[str], label: str = "basis pack"
 ) -> dict[str, dict[str, Any]]:
     """The entries of one complete pack made from the given members' fingerprints."""
     attrs = node_attrs(array)
@@ -179,7 +226,7 @@ def _unpack(
     ]
     if not wanted:
         return {}
-    packed = torch.from_numpy(np.ascontiguousarray(array[...]))
+    packed = torch.from_numpy(np.ascontiguousarray(read_checked(array, manifest_of(attrs), label)))
     rows = int(attrs["left_rows"])
     found = {}
     for entry in wanted:
@@ -228,9 +275,12 @@ class BasisCache:
         except CatalogueError:
             return {}
         found: dict[str, dict[str, Any]] = {}
-        for _, array in group.arrays():
+        for key, array in group.arrays():
+            label = f"{self.family}/{self._folder(name)}/{key}"
             try:
-                found |= _unpack(array, fingerprints, set(found))
+                found |= _unpack(array, fingerprints, set(found), label)
+            except IntegrityError as error:  # a damaged cache entry is a miss, said once
+                logger.warning("%s (recomputing it)", error)
             except Exception:  # cut short by a crash, or not a pack: a cache miss, not an error
                 continue
         return found

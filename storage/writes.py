@@ -8,8 +8,10 @@ point leaves nothing half-written that passes for complete, and a rerun redoes e
 nodes that are not complete. A node whose metadata cannot be read (cut short by a crash)
 counts as partial.
 
-All arrays are float32, chunked by whole rows (`row_chunks`) and compressed with zstd at
-`ZSTD_LEVEL`, whoever writes them.
+All arrays are float32, chunked by whole rows (`row_chunks`), compressed with zstd at
+`ZSTD_LEVEL` and checksummed per chunk (CRC-32C), whoever writes them; a node marked
+complete records the manifest of its chunks (``storage.integrity``), so readers catch a
+missing, truncated or corrupt chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from tvsplit.storage.integrity import MANIFEST, checksum_codec, chunk_manifest
 from zarr.codecs import ZstdCodec
 
 ATTRS = "tvsplit"
@@ -51,6 +54,11 @@ def row_chunks(shape: Sequence[int], itemsize: int = ITEMSIZE) -> tuple[int, ...
             break
         chunks[axis] = 1
     return tuple(max(1, c) for c in chunks)
+
+
+def codecs() -> tuple[Any, ...]:
+    """The bytes codecs of every stored array: zstd at ``ZSTD_LEVEL``, then CRC-32C."""
+    return (ZstdCodec(level=ZSTD_LEVEL), checksum_codec())
 
 
 def float32_array(tensor: torch.Tensor) -> np.ndarray:
@@ -104,14 +112,15 @@ def write_array(
         shape=shape,
         dtype="float32",
         chunks=row_chunks(shape),
-        compressors=ZstdCodec(level=ZSTD_LEVEL),
+        compressors=codecs(),
         fill_value=0.0,
         attributes={ATTRS: {**attrs, "status": PARTIAL}},
         overwrite=True,
     )
     if data is not None:
         array[...] = data
-    mark_complete(array, attrs)
+    manifest = chunk_manifest(array)
+    mark_complete(array, {**attrs, MANIFEST: manifest} if manifest is not None else attrs)
     return array
 
 
@@ -129,14 +138,17 @@ def write_group(
     group = parent.create_group(
         name, overwrite=True, attributes={ATTRS: {**(partial_attrs or {}), "status": PARTIAL}}
     )
+    manifests = {}
     for key, data in arrays.items():
-        group.create_array(
+        array = group.create_array(
             name=key,
             data=data,
             chunks=row_chunks(data.shape) if data.ndim else (),
-            compressors=ZstdCodec(level=ZSTD_LEVEL),
+            compressors=codecs(),
             fill_value=0.0,
             overwrite=True,
         )
-    mark_complete(group, attrs)
+        manifests[key] = chunk_manifest(array)
+    unrecorded = None in manifests.values()
+    mark_complete(group, attrs if unrecorded else {**attrs, MANIFEST: manifests})
     return group
