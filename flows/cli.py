@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import typer
-from tvsplit.flows import catalogue_cli, decompose_cli, server_cli
+from tvsplit.flows import catalogue_cli, decompose_cli, server_cli, sync_cli
 
 app = typer.Typer(
     name="tvsplit",
@@ -90,5 +90,6 @@ def evaluate_vision(
 
 # The leaves build their own apps and never import this module: no import circle.
 app.add_typer(catalogue_cli.app)  # `ingest`, `catalogue ls|show|rm`
-app.add_typer(decompose_cli.app)  # `decompose`, `edit`, `serve`
+app.add_typer(decompose_cli.app)  # `decompose`, `edit`
+app.add_typer(sync_cli.app)  # `sync`, `serve`
 app.add_typer(server_cli.server_app, name="server")  # `server status|start|stop`

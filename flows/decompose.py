@@ -49,6 +49,8 @@ from tvsplit.tasks.report import (
     summary_rows,
 )
 
+LOOPBACK = "127.0.0.1"
+
 
 class DecomposeError(RuntimeError):
     """A decomposition that cannot start or did not finish; the message says why."""
@@ -293,7 +295,10 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
             n_workers=workers,
             threads_per_worker=1,
             processes=False,
-            dashboard_address=None,
+            # Loopback only: `dashboard_address=None` still serves the dashboard on
+            # 0.0.0.0:8787, and each in-process worker its own on 0.0.0.0 (checked with psutil).
+            dashboard_address=f"{LOOPBACK}:0",
+            worker_dashboard_address=f"{LOOPBACK}:0",
             resources=resources,
         )
     try:

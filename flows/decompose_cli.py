@@ -1,5 +1,5 @@
-"""CLI verbs `tvsplit decompose FAMILY`, `tvsplit edit RECIPE`, `tvsplit serve`: split a family
-on a Dask cluster, write an edited model, serve the nightly decomposition.
+"""CLI verbs `tvsplit decompose FAMILY`, `tvsplit edit RECIPE`: split a family on a Dask
+cluster, write an edited model (`tvsplit serve` is in `sync_cli`).
 
 This module builds its own typer app; `tvsplit.flows.cli` attaches it (no import of cli here).
 """
@@ -157,30 +157,3 @@ def edit_command(
         _out.print(
             f"MLflow run {result.mlflow_run_id}: {ui_hint(load_settings(catalogue=catalogue))}"
         )
-
-
-@app.command("serve")
-def serve_command(
-    cron: str = typer.Option("0 3 * * *", help="When to run the repository-wide decomposition."),
-    catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
-    scheduler: str | None = typer.Option(None, help="Dask scheduler address."),
-    workers: int = typer.Option(2, help="LocalCluster workers (ignored with --scheduler)."),
-) -> None:
-    """Serve the repository-wide decomposition on a cron schedule (needs a Prefect server:
-    set PREFECT_API_URL, e.g. after `prefect server start`)."""
-    import os
-
-    from tvsplit.flows.schedule import decompose_catalogue
-
-    if not os.environ.get("PREFECT_API_URL"):
-        _fail(
-            "serving a schedule needs a Prefect server: run `prefect server start` and set "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api"
-        )
-    url = load_settings(catalogue=catalogue).catalogue
-    _out.print(f"serving tvsplit-decompose-catalogue on '{cron}' for {url} (Ctrl-C stops)")
-    decompose_catalogue.serve(
-        name="nightly-decomposition",
-        cron=cron,
-        parameters={"catalogue_url": url, "scheduler": scheduler, "workers": workers},
-    )

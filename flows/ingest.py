@@ -9,6 +9,7 @@ Spec shape::
         exclude: [optional parameter-name globs]
         members:
           <member>: <source>
+        suite: [optional suite name, rerun by `tvsplit sync` after a decomposition]
 
 One Prefect task per source (the base first, then each member), retried with backoff on
 network errors only. Progress shows as rich bars; the outcome of every source (ingested,
@@ -57,6 +58,9 @@ class FamilySpec(BaseModel):
         default_factory=list, description="Parameter-name globs to leave out."
     )
     members: dict[str, str] = Field(default_factory=dict, description="Member name → source.")
+    suite: str | None = Field(
+        default=None, description="Suite `tvsplit sync` reruns after decomposing the family."
+    )
 
     @field_validator("base")
     @classmethod

@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     models: Path = Field(
         default=Path(""), description="Default folder of edited models (default <data>/models)."
     )
+    spec: str | None = Field(
+        default=None,
+        description="Catalogue spec the deployed sync and ingest read (a path on the worker).",
+    )
+    scheduler: str | None = Field(
+        default=None,
+        description="Dask scheduler the deployed flows use (default: a local cluster).",
+    )
 
     def model_post_init(self, context: object, /) -> None:
         if not self.catalogue:

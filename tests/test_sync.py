@@ -1,0 +1,86 @@
+"""`tvsplit sync`: only what is new or changed is ingested, only families whose members
+changed are decomposed, and a second run with nothing new does nothing and says so. Hub
+members are resolved against the loopback hub, serving a revision that changes between
+runs; local members by size and mtime, then sha256."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import yaml
+from fixtures_models import finetuned_copy, loopback_hub
+from tvsplit.flows.schedule import apply_sync, plan_sync, sync
+from tvsplit.storage.catalogue import Catalogue, entry_label
+from typer.testing import CliRunner
+
+from tvsplit.cli import app
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """huggingface_hub pointed at a loopback hub (read at call time from its constants)."""
+    from huggingface_hub import constants
+
+    served: dict = {}
+    with loopback_hub(served) as (endpoint, log):
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        yield served, log
+
+
+def _spec(tmp_path, members: dict[str, str], base) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"families": {"fam": {"base": str(base), "members": members}}}))
+    return str(path)
+
+
+def test_sync_does_only_what_changed(repos, tmp_path, hub, prefect_harness):
+    served, _ = hub
+    ft1 = shutil.copytree(repos.ft1, tmp_path / "ft1")
+    served["org/ft2"] = ("a" * 40, repos.ft2)
+    spec = _spec(tmp_path, {"ft1": str(ft1), "ft2": "hf://org/ft2@main"}, repos.base)
+    url = str(tmp_path / "catalogue.zarr")
+
+    first = sync(spec, url, track=False, workers=1)
+    ingested = {r["entry"] for r in first.ingested if r["status"] == "ingested"}
+    assert ingested == {entry_label("fam", m) for m in (None, "ft1", "ft2")}
+    assert first.decomposed["fam"]["status"] == "done"
+    params = first.decomposed["fam"]["computed"]
+    assert params > 0
+
+    # Nothing new: nothing to ingest or decompose, and the command says so.
+    again = plan_sync(spec, url)
+    assert again.nothing_new, again.summary()
+    result = CliRunner().invoke(app, ["sync", spec, "--catalogue", url, "--no-track"])
+    assert result.exit_code == 0, result.output
+    assert "nothing new" in result.output
+    touched = ft1 / "model.safetensors"
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    after_touch = plan_sync(spec, url)  # same bytes, newer mtime: hashed, found unchanged
+    assert after_touch.nothing_new
+    assert "sha256" in next(s.reason for s in after_touch.sources if s.member == "ft1")
+
+    # The hub repo moves to a new commit: only that member is ingested, the family redone.
+    served["org/ft2"] = ("b" * 40, finetuned_copy(repos.base, tmp_path / "ft2-v2", seed=7))
+    plan = plan_sync(spec, url)
+    assert [s.label for s in plan.to_ingest] == [entry_label("fam", "ft2")]
+    assert "commit" in plan.to_ingest[0].reason
+    assert list(plan.decompose) == ["fam"]
+    report = apply_sync(plan, track=False, workers=1)
+    assert [r["entry"] for r in report.ingested if r["status"] == "ingested"] == [
+        entry_label("fam", "ft2")
+    ]
+    outcome = report.decomposed["fam"]
+    assert outcome["computed"] == params
+    # Bases are cached per member: only the new member's are computed (one per parameter
+    # at most), not every member's again.
+    assert 0 < outcome["bases_computed"] <= params
+    commit = Catalogue(url).entry("fam", "ft2").attrs["commit"]
+    assert commit == "b" * 40
+    assert plan_sync(spec, url).nothing_new
