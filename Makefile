@@ -43,7 +43,7 @@ test-slow: install
 
 # Real servers as processes on 127.0.0.1 (Prefect, Dask, MLflow, moto S3); .ci/run runs it.
 test-integration: install
-	$(PY) -m pytest -m integration tests/integration -q -p no:cacheprovider
+	$(PY) -m pytest -m integration tests/integration -q -p no:cacheprovider --durations=0
 
 lint: install
 	$(VENV)/bin/ruff check .

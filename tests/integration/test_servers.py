@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,6 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "tvsplit-ci"
 FAMILY = "tiny"
 MEMBERS = ("ft1", "ft2", "ft3")
-TIMINGS: dict[str, float] = {}
 
 
 @dataclass
@@ -60,12 +58,10 @@ class Stack:
         self, *args: str, timeout: float = 600, check: bool = True
     ) -> subprocess.CompletedProcess:
         """Run `tvsplit ARGS` as a user would; fails with its output when it fails."""
-        started = time.perf_counter()
         done = subprocess.run(
             [executable("tvsplit"), *args],
             env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
-        TIMINGS[" ".join(args[:2])] = time.perf_counter() - started
         if check and done.returncode != 0:
             raise AssertionError(
                 f"tvsplit {' '.join(args)} exited {done.returncode}\n"
@@ -107,7 +103,6 @@ def _base_env(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Every server started at once (their start-ups overlap), stopped by pid at the end."""
-    started = time.perf_counter()
     root = tmp_path_factory.mktemp("servers")
     logs = root / "logs"
     env = _base_env(root)
@@ -167,12 +162,10 @@ def stack(tmp_path_factory):
                     ready=lambda: True, logs=logs, env=worker_env, cwd=root,
                 )  # fmt: skip
             stack.workers = _wait_for_workers(stack.scheduler, {"cpu-worker", "gpu-worker"})
-            TIMINGS["servers start"] = time.perf_counter() - started
             yield stack
     finally:
         for server in reversed(list(stack.servers.values())):
             server.stop()
-        _print_timings()
 
 
 def _wait(server: Server, ready, timeout: float) -> None:
@@ -211,11 +204,6 @@ def _wait_for_workers(scheduler: str, names: set[str], timeout: float = 300) -> 
         client.get_task_stream()  # installs the scheduler's task-stream record from now on
         workers = client.scheduler_info(n_workers=-1)["workers"]
         return {info["name"]: address for address, info in workers.items()}
-
-
-def _print_timings() -> None:
-    lines = [f"  {name:<28} {seconds:7.1f} s" for name, seconds in TIMINGS.items()]
-    sys.stderr.write("\nintegration timings (shared CPU: noisy)\n" + "\n".join(lines) + "\n")
 
 
 # -- the family --------------------------------------------------------------------------------
