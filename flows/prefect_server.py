@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from tvsplit.storage.folders import pid_alive
+
 RECORD = "server.json"
 LOG = "server.log"
 LOCK = "server.lock"
@@ -83,23 +85,9 @@ def read_record(home: Path) -> LocalServer | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)  # our own child that exited: reap it
-        if done == pid:
-            return False
-    return True
-
-
 def _ours(server: LocalServer) -> bool:
     """Alive and still the process we started (a recycled pid runs something else)."""
-    if not _alive(server.pid):
+    if not pid_alive(server.pid):
         return False
     try:
         argv = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
@@ -213,16 +201,16 @@ def ensure_server(home: str | Path, timeout: float = 120.0) -> LocalServer:
 
 def _terminate(pid: int, grace: float = 10.0) -> bool:
     """SIGTERM ``pid`` (and its process group), SIGKILL after ``grace`` s; True if it ran."""
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):

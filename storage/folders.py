@@ -8,6 +8,7 @@ at start-up costs no torch import.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -125,13 +126,20 @@ def _journal_path(primary: Path) -> Path:
     return primary.parent / f".{primary.name}.replace.json"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host; a child of ours that exited is reaped and
+    counts as gone (a zombie still answers ``kill(pid, 0)``)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
     return True
 
 
@@ -290,7 +298,7 @@ def recover_replacement(target: str | Path) -> bool:
     except (OSError, ValueError) as error:
         raise FolderError(f"{journal}: unreadable replacement journal: {error}") from error
     pid = int(record.get("pid", -1))
-    if record.get("host") == socket.gethostname() and pid != os.getpid() and _pid_alive(pid):
+    if record.get("host") == socket.gethostname() and pid != os.getpid() and pid_alive(pid):
         raise FolderError(f"{target}: process {record['pid']} is replacing this folder right now")
     _roll_forward(journal, record)
     return True

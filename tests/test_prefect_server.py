@@ -16,12 +16,9 @@ import pytest
 import yaml
 from tvsplit.flows import prefect_server
 from tvsplit.flows.prefect_server import LocalServer, check, ensure_server, read_record, stop_server
+from tvsplit.storage.folders import pid_alive as _alive
 
 TVSPLIT = str(Path(sys.executable).parent / "tvsplit")
-
-
-def _alive(pid: int) -> bool:
-    return prefect_server._alive(pid)
 
 
 @pytest.fixture(scope="module")
