@@ -12,7 +12,9 @@ server that cannot start fails the test: nothing here skips.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,19 +98,28 @@ def _base_env(root: Path) -> dict[str, str]:
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HOME=str(root / "hf"),
         PYTHONUNBUFFERED="1",
+        # A loaded shared CPU stretches Dask's handshakes past their 30 s defaults.
+        DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="120s",
+        DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP="300s",
     )
     return env
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack():
     """Every server started at once (their start-ups overlap), stopped by pid at the end."""
-    root = tmp_path_factory.mktemp("servers")
+    # Not under pytest's basetemp: other pytest sessions on the machine rotate it away
+    # (keeping the newest three), servers' databases included, while this one still runs.
+    root = Path(tempfile.mkdtemp(prefix="tvsplit-integration-"))
     logs = root / "logs"
     env = _base_env(root)
     stack = Stack(root, env)
     ports = {name: free_port() for name in ("prefect", "scheduler", "mlflow")}
-    prefect_env = {**env, "PREFECT_HOME": str(root / "prefect-home")}
+    prefect_env = {
+        **env,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",  # cron runs appear in seconds
+    }
     pending = {
         "prefect": (
             [executable("prefect"), "server", "start", "--host", LOOPBACK,
@@ -166,6 +177,7 @@ def stack(tmp_path_factory):
     finally:
         for server in reversed(list(stack.servers.values())):
             server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _wait(server: Server, ready, timeout: float) -> None:
@@ -368,3 +380,127 @@ def test_every_server_listens_on_loopback_only(stack, pipeline):
     sockets = [s for server in stack.servers.values() for s in listening(server.tree())]
     assert sockets  # the check reads something
     assert not not_loopback(sockets), not_loopback(sockets)
+
+
+# -- deployments on a process worker, and a served schedule ------------------------------------
+def _prefect_client(stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    settings = temporary_settings(updates={PREFECT_API_URL: stack.prefect_api})
+    settings.__enter__()
+    return get_client(sync_client=True), settings
+
+
+def _wait_for_run(
+    stack, client, run_id, watch: list[Server], timeout: float = 600
+) -> tuple[str, list]:
+    """Poll a flow run to a final state; meanwhile read the sockets of `watch` (a flow run
+    on a worker is a child process: it and any cluster it starts are seen while it runs)."""
+    deadline = time.monotonic() + timeout
+    seen: list = []
+    while True:
+        run = client.read_flow_run(run_id)
+        for server in watch:
+            seen += listening(server.tree())
+        if run.state is not None and run.state.is_final():
+            return run.state.type.value, seen
+        if time.monotonic() > deadline:
+            return f"timeout in {run.state_name}", seen
+        time.sleep(1.0)
+
+
+def test_deployments_run_on_a_process_worker(stack, spec, pipeline):
+    """`prefect deploy --all` registers deployments/prefect.yaml; a process worker set up as
+    its header says (environment only, no checkout) runs every deployment to COMPLETED."""
+    env = {**stack.env, "TVSPLIT_SPEC": str(spec), "TVSPLIT_SCHEDULER": stack.scheduler}
+    prefect = executable("prefect")
+    stack.run(prefect, "work-pool", "create", "tvsplit", "--type", "process")
+    done = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
+         str(REPO / "deployments" / "prefect.yaml")],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    workdir = stack.root / "worker"
+    workdir.mkdir()
+    worker = start(
+        "prefect-worker",
+        [prefect, "worker", "start", "--pool", "tvsplit", "--type", "process"],
+        ready=lambda: True, logs=stack.root / "logs", env=env, cwd=workdir,
+    )  # fmt: skip
+    stack.servers["prefect-worker"] = worker
+    client, settings = _prefect_client(stack)
+    outcomes, sockets = {}, []
+    try:
+        with client:
+            names = {
+                "tvsplit-decompose-on-cluster/decompose-family": {"family": FAMILY},
+                "tvsplit-ingest-spec/ingest-catalogue": {},
+                "tvsplit-sync/nightly-sync": {},
+            }
+            for name, parameters in names.items():
+                deployment = client.read_deployment_by_name(name)
+                if name.endswith("nightly-sync"):
+                    assert deployment.schedules, "the nightly deployment has its cron schedule"
+                run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+                outcomes[name], seen = _wait_for_run(stack, client, run.id, [worker])
+                sockets += seen
+    finally:
+        settings.__exit__(None, None, None)
+    assert outcomes == dict.fromkeys(outcomes, "COMPLETED"), (outcomes, worker.log_tail(60))
+    assert not not_loopback(sockets), not_loopback(sockets)
+
+
+def test_serve_registers_its_schedule_and_runs(stack, spec, pipeline):
+    """`tvsplit serve SPEC --cron` registers a scheduled deployment with the server, runs a
+    triggered run to COMPLETED, and the server's scheduler creates the scheduled runs."""
+    serve = start(
+        "tvsplit-serve",
+        [executable("tvsplit"), "serve", str(spec), "--cron", "*/5 * * * *",
+         "--name", "ci-sync", "--scheduler", stack.scheduler],
+        ready=lambda: True, logs=stack.root / "logs", env=stack.env, cwd=stack.root,
+    )  # fmt: skip
+    stack.servers["tvsplit-serve"] = serve
+    client, settings = _prefect_client(stack)
+    try:
+        with client:
+            deployment = None
+            deadline = time.monotonic() + 240
+            while deployment is None:
+                try:
+                    deployment = client.read_deployment_by_name("tvsplit-sync/ci-sync")
+                except Exception:
+                    if time.monotonic() > deadline or serve.process.poll() is not None:
+                        raise AssertionError(serve.log_tail(60)) from None
+                    time.sleep(1.0)
+            assert [s.schedule.cron for s in deployment.schedules] == ["*/5 * * * *"]
+            run = client.create_flow_run_from_deployment(deployment.id)
+            state, sockets = _wait_for_run(stack, client, run.id, [serve])
+            assert state == "COMPLETED", serve.log_tail(60)
+            assert not not_loopback(sockets), not_loopback(sockets)
+            from prefect.client.schemas.filters import (
+                DeploymentFilter,
+                DeploymentFilterId,
+                FlowRunFilter,
+                FlowRunFilterState,
+                FlowRunFilterStateType,
+            )
+            from prefect.client.schemas.objects import StateType
+
+            scheduled = []
+            deadline = time.monotonic() + 120
+            while not scheduled and time.monotonic() < deadline:
+                scheduled = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(
+                            type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                        )
+                    ),
+                )
+                time.sleep(2.0)
+            assert scheduled, "the server's scheduler created no run of the cron schedule"
+    finally:
+        settings.__exit__(None, None, None)
+        serve.stop()
