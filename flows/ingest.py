@@ -151,10 +151,13 @@ def ingest_flow(
     catalogue: str,
     allow_pickle: bool = False,
     progress: bool = True,
+    replace: bool = False,
 ) -> list[dict[str, Any]]:
     """Ingest every family of `spec` into `catalogue`; return one report row per source.
 
     Per family the base runs first; when it fails, the members are reported "not run".
+    With `replace`, a complete entry made from other files is rebuilt and swapped in only
+    once the new one is complete (`IngestJob.replace`).
     """
     rows: list[dict[str, Any]] = []
     with progress_bars(progress, terminal_only=True) as bars:
@@ -166,6 +169,7 @@ def ingest_flow(
                 "include": tuple(fspec.include),
                 "exclude": tuple(fspec.exclude),
                 "allow_pickle": allow_pickle,
+                "replace": replace,
             }
             jobs = [IngestJob(member=None, source=fspec.base, **common)]
             jobs += [
@@ -220,6 +224,7 @@ def ingest(
     *,
     allow_pickle: bool = False,
     progress: bool = True,
+    replace: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the ingest flow on a spec file (or a validated spec); return the report rows.
 
@@ -228,7 +233,9 @@ def ingest(
     """
     if not isinstance(spec, CatalogueSpec):
         spec = load_spec(spec)
-    rows = ingest_flow(spec, catalogue, allow_pickle=allow_pickle, progress=progress)
+    rows = ingest_flow(
+        spec, catalogue, allow_pickle=allow_pickle, progress=progress, replace=replace
+    )
     if any(r["status"] in (FAILED, NOT_RUN) for r in rows):
         raise IngestFailedError(rows)
     return rows

@@ -206,15 +206,11 @@ def apply_sync(
         for family, checks in changed_by_family.items():
             fspec = plan.families[family]
             wanted = {c.member for c in checks}
-            for check in checks:  # a changed source replaces its complete entry
-                entry = catalogue.entry(family, check.member)
-                if entry is not None and entry.complete:
-                    catalogue.delete(family, check.member)
             families[family] = fspec.model_copy(
                 update={"members": {m: s for m, s in fspec.members.items() if m in wanted}}
             )
-        report.ingested = ingest(
-            CatalogueSpec(families=families), plan.catalogue, progress=progress
+        report.ingested = ingest(  # a changed source's entry is swapped in once complete
+            CatalogueSpec(families=families), plan.catalogue, progress=progress, replace=True
         )
     for family in {s.family for s in plan.sources}:
         _record(catalogue, family, [s for s in plan.sources if s.family == family])

@@ -36,6 +36,7 @@ from tvsplit.storage.lowrank import LowRankDelta
 from tvsplit.storage.names import check_node_name, param_key, param_name
 from tvsplit.storage.object_store import storage_options
 from tvsplit.storage.provenance import tvsplit_version, utc_now
+from tvsplit.storage.staging import recover, staged_path, swap_in
 from tvsplit.storage.writes import (
     ATTRS,
     COMPLETE,
@@ -139,7 +140,10 @@ class Catalogue:
 
     def entry(self, family: str, member: str | None = None) -> EntryInfo | None:
         """The entry's status and provenance attrs, or None when it does not exist."""
-        group = self._group(entry_path(family, member))
+        return self._info(family, member, entry_path(family, member))
+
+    def _info(self, family: str, member: str | None, path: str) -> EntryInfo | None:
+        group = self._group(path)
         if group is None:
             return None
         attrs = node_attrs(group)
@@ -211,20 +215,30 @@ class Catalogue:
 
     # -- writing ---------------------------------------------------------------------------
     def writer(
-        self, family: str, member: str | None, fingerprint: Mapping[str, Any]
+        self,
+        family: str,
+        member: str | None,
+        fingerprint: Mapping[str, Any],
+        *,
+        staged: bool = False,
     ) -> EntryWriter:
         """Open an entry for writing, resuming it when possible.
 
         `fingerprint` (JSON-able: source, resolved commit, file checksums, ...) identifies
         what the entry is made from. A partial entry with the same fingerprint is resumed
         (its complete arrays are kept); one with another fingerprint is wiped. A complete
-        entry raises CatalogueError: delete it first to rebuild it.
+        entry raises CatalogueError: delete it first to rebuild it, or write a `staged`
+        replacement beside it and `promote` it once finished (the live entry stays readable
+        until then; `storage.staging`).
         """
         root = self._open(write=True)
         assert root is not None
         path = entry_path(family, member)
         label = entry_label(family, member)
         existing = self.entry(family, member)
+        if staged:
+            path, label = staged_path(path), f"{label} (staged replacement)"
+            existing = self._info(family, member, path)
         fingerprint = dict(fingerprint)
         if existing is not None:
             if existing.complete:
@@ -246,6 +260,24 @@ class Catalogue:
             group = root[path]
             assert isinstance(group, zarr.Group)
         return EntryWriter(group, label)
+
+    def promote(self, family: str, member: str | None = None) -> None:
+        """Put the complete staged replacement of an entry in the live entry's place (the
+        old entry is removed only then; a kill part-way is finished by `recover_staged`)."""
+        root = self._open(write=True)
+        assert root is not None
+        try:
+            swap_in(root, entry_path(family, member))
+        except ValueError as error:
+            raise CatalogueError(f"{self.url}: {entry_label(family, member)}: {error}") from None
+
+    def recover_staged(self, family: str, member: str | None = None) -> bool:
+        """Finish a replacement a killed process left half-done; True if one was finished."""
+        if self._group(staged_path(entry_path(family, member))) is None:
+            return False
+        root = self._open(write=True)
+        assert root is not None
+        return recover(root, entry_path(family, member))
 
     def delete(self, family: str, member: str | None = None) -> bool:
         """Delete an entry (complete or not); True if something was deleted."""

@@ -51,6 +51,9 @@ class IngestJob:
     exclude: tuple[str, ...] = ()
     allow_pickle: bool = False
     lora_factors: bool = True  # LoRA weights kept as factors (False: dense ΔW, as before)
+    # A complete entry made from something else is rebuilt beside it and swapped in only once
+    # complete (a changed source under `tvsplit sync`); False: such an entry is an error.
+    replace: bool = False
 
     @property
     def label(self) -> str:
@@ -363,8 +366,10 @@ def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> In
     """Ingest one source into the catalogue (see the module docstring for guarantees)."""
     started = time.perf_counter()
     catalogue = Catalogue(job.catalogue)
+    if job.replace:
+        catalogue.recover_staged(job.family, job.member)
     existing = catalogue.entry(job.family, job.member)
-    if existing is not None and existing.complete:
+    if existing is not None and existing.complete and not job.replace:
         if existing.attrs.get("source") != job.source:
             raise CatalogueError(
                 f"{catalogue.url}: entry {job.label} already holds {existing.attrs.get('source')!r}, "
@@ -396,7 +401,13 @@ def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> In
     }
     if job.member is not None:
         fingerprint["base"] = base.provenance()
-    writer = catalogue.writer(job.family, job.member, fingerprint)
+    staged = existing is not None and existing.complete
+    if staged and existing.attrs.get("fingerprint") == fingerprint:
+        return IngestResult(
+            job.label, job.source, SKIPPED, commit=existing.attrs.get("commit"),
+            parameters=len(existing.attrs.get("parameters", [])), reason="unchanged",
+        )  # fmt: skip
+    writer = catalogue.writer(job.family, job.member, fingerprint, staged=staged)
     done = writer.completed() & set(plan.names)
     todo = [name for name in plan.names if name not in done]
     if progress is not None:
@@ -418,6 +429,8 @@ def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> In
         plan.names,
         {**fingerprint, "role": "base" if job.member is None else "vector", **plan.attrs},
     )
+    if staged:  # the old entry was readable until now; it goes only as the new one comes
+        catalogue.promote(job.family, job.member)
     return IngestResult(
         job.label,
         job.source,

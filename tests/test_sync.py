@@ -9,8 +9,10 @@ import os
 import shutil
 
 import pytest
+import torch
 import yaml
 from fixtures_models import finetuned_copy, loopback_hub
+from safetensors.torch import load_file, save_file
 from tvsplit.flows.schedule import apply_sync, plan_sync, sync
 from tvsplit.storage.catalogue import Catalogue, entry_label
 from typer.testing import CliRunner
@@ -84,3 +86,19 @@ def test_sync_does_only_what_changed(repos, tmp_path, hub, prefect_harness):
     commit = Catalogue(url).entry("fam", "ft2").attrs["commit"]
     assert commit == "b" * 40
     assert plan_sync(spec, url).nothing_new
+
+    # A changed source whose new files are broken: the ingest fails and the complete entry
+    # that was there stays, byte for byte (it is replaced only once the new one is complete).
+    before = Catalogue(url).read("fam", next(iter(Catalogue(url).parameters("fam"))), member="ft1")
+    weights = ft1 / "model.safetensors"
+    tensors = load_file(weights)
+    tensors[sorted(tensors)[-1]] = torch.full_like(tensors[sorted(tensors)[-1]], float("nan"))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    plan = plan_sync(spec, url)
+    assert [s.label for s in plan.to_ingest] == [entry_label("fam", "ft1")]
+    with pytest.raises(Exception, match="ft1"):
+        apply_sync(plan, track=False, workers=1)
+    kept = Catalogue(url)
+    assert kept.entry("fam", "ft1").complete and "ft1" in kept.members("fam")
+    after = kept.read("fam", next(iter(kept.parameters("fam"))), member="ft1")
+    assert after.equal(before)
