@@ -151,6 +151,8 @@ def edit_command(
         f"wrote {result.output} ({len(result.files)} file(s)): {len(result.edited)} parameter(s) edited, "
         f"{len(result.copied)} tensor(s) copied"
     )
+    if result.lora_targets is not None:
+        _out.print(result.lora_targets.describe())
     if result.lora is not None:
         _out.print(f"LoRA adapter: {result.lora} (max relative error {result.lora_max_error:.2e})")
     if result.mlflow_run_id:

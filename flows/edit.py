@@ -27,6 +27,7 @@ from tvsplit.storage.model_folder import (
 from tvsplit.storage.sources import open_source
 from tvsplit.tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
 from tvsplit.tasks.lora_export import write_lora_adapter
+from tvsplit.tasks.lora_targets import LoraTargetError, LoraTargets, lora_targets
 
 
 @dataclass
@@ -39,13 +40,18 @@ class EditResult:
     files: tuple[str, ...] = ()
     lora: Path | None = None
     lora_max_error: float | None = None
+    lora_targets: LoraTargets | None = None  # the export plan and the rule it used
+    lora_skipped: dict[str, str] = field(default_factory=dict)  # edited, not exported: why
     adapter: Any = None  # tasks.adapter_edit_job.AdapterEditReport with --as-adapter
     sources: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
 
 
-def model_card(recipe: Recipe, sources: dict[str, Any], catalogue: str) -> str:
-    """README.md for the output: the recipe, the sources with commits, the decomposition run."""
+def model_card(
+    recipe: Recipe, sources: dict[str, Any], catalogue: str, lora: LoraTargets | None = None
+) -> str:
+    """README.md for the output: the recipe, the sources with commits, the decomposition
+    run, and with a LoRA export the rule that chose its targets."""
     recipe_yaml = yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
     lines = [
         "---",
@@ -71,6 +77,8 @@ def model_card(recipe: Recipe, sources: dict[str, Any], catalogue: str) -> str:
     ]
     for role, info in sources.items():
         lines.append(f"| {role} | {info.get('source') or ''} | {info.get('commit') or ''} |")
+    if lora is not None:
+        lines += ["", "## LoRA export", "", lora.describe() + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -109,7 +117,9 @@ def write_edited_model(
             member_source(catalogue, recipe.family, recipe.excluded_from)
         ).checkpoint
     result = EditResult(output=output, sources=lineage(catalogue, plan))
-    card = model_card(recipe, result.sources, catalogue_url)
+    if lora_rank:
+        result.lora_targets = _lora_plan(recipe, base, plan.family_parameters)
+    card = model_card(recipe, result.sources, catalogue_url, result.lora_targets)
     lora_deltas: list[tuple[str, Any]] = []
     adapter = lora_folder(output)
     replacement = FolderReplacement(overwrite=overwrite)
@@ -122,33 +132,25 @@ def write_edited_model(
         ) as writer,
     ):  # fmt: skip
         job = progress.add_task(f"editing {recipe.family}", total=len(base.checkpoint))
+        targets = result.lora_targets.targets if result.lora_targets else {}
         for name, tensor, how in edited_tensors(plan, base.checkpoint, fallback):
             writer.add(name, tensor)
             if how == "edited":
                 result.edited.append(name)
-                if (
-                    lora_rank
-                    and tensor.ndim == 2
-                    and name.endswith(".weight")
-                    and "wte" not in name
-                    and "wpe" not in name
-                    and "embed" not in name
-                ):
-                    lora_deltas.append(
-                        (
-                            name.removesuffix(".weight"),
-                            tensor.float() - base.checkpoint[name].float(),
-                        )
-                    )
+                if name in targets:
+                    delta = tensor.float() - base.checkpoint[name].float()
+                    lora_deltas.append((targets[name][0], delta))
+                elif result.lora_targets is not None:
+                    result.lora_skipped[name] = result.lora_targets.skipped.get(name, "")
             else:
                 result.copied[name] = how
             progress.advance(job)
         writer.close()
         if lora_rank and lora_deltas:
+            kinds = dict(targets.values())
             report = write_lora_adapter(
-                adapter, iter(lora_deltas), rank=lora_rank,
-                fan_in_fan_out=_is_conv1d(base.location), base_model_name_or_path=recipe.base,
-                replacement=replacement,
+                adapter, iter(lora_deltas), rank=lora_rank, kinds=kinds,
+                base_model_name_or_path=recipe.base, replacement=replacement,
             )  # fmt: skip
             result.lora, result.lora_max_error = adapter, report.max_relative_error
         elif adapter.exists():
@@ -181,14 +183,18 @@ def write_edit_adapter_task(
     return result
 
 
-def _is_conv1d(folder: Path) -> bool:
-    """GPT-2-style models store weights in × out (transformers' Conv1D): LoRA needs fan_in_fan_out."""
-    config = folder / "config.json" if folder.is_dir() else None
-    if config is None or not config.is_file():
-        return False
-    import json
-
-    return json.loads(config.read_text()).get("model_type") in {"gpt2", "gpt_neo", "codegen"}
+def _lora_plan(recipe: Recipe, base: Any, edited: frozenset[str]) -> LoraTargets:
+    """The LoRA export plan over the base's edited weights (tasks.lora_targets decides)."""
+    weights = [
+        (name, base.checkpoint.header(name)[0]) for name in base.checkpoint if name in edited
+    ]
+    try:
+        return lora_targets(
+            base.location, weights, patterns=recipe.lora_targets,
+            fan_in_fan_out=recipe.fan_in_fan_out,
+        )  # fmt: skip
+    except LoraTargetError as error:
+        raise EditPlanError(f"recipe {error}") from None
 
 
 def check_output(target: Path, *, overwrite: bool) -> None:

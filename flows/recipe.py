@@ -12,6 +12,9 @@ Example::
     params:
       scale: 1.0                            # the method's parameters
     output: ./out/gpt2-detox                # optional; the flow may override it
+    lora_targets: ["*.attn.*"]              # optional: narrows a --lora-rank export
+    fan_in_fan_out: true                    # optional: Conv1D layout, for a base without
+                                            # a transformers config (tasks.lora_targets)
 
 Guarantees: ``load_recipe`` and ``Recipe.model_validate`` check the whole recipe, including
 the method's parameters and per-member fields against the method's registered pydantic
@@ -83,6 +86,18 @@ class Recipe(BaseModel):
         min_length=1,
         description="Where parameters outside the family (per-member heads) come from: "
         "'base', or the name of a member whose own weights supply them.",
+    )
+
+    lora_targets: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Shell patterns over module names that a LoRA export (--lora-rank) "
+        "keeps; default: every module PEFT can adapt.",
+    )
+    fan_in_fan_out: bool | None = Field(
+        None,
+        description="For a base without a transformers config: its 2-D weights are stored "
+        "in × out (transformers' Conv1D). With a config the model's structure decides.",
     )
 
     _method_params: BaseModel = PrivateAttr()

@@ -10,14 +10,15 @@ Guarantees (tested): B A is the best rank-r approximation of ΔW in Frobenius no
 (Eckart–Young; singular values split evenly, A = √Σ Vᵀ, B = U √Σ), and
 ``relative_error`` = ‖ΔW − B A‖_F / ‖ΔW‖_F (0 for a zero ΔW). The adapter written by
 ``write_lora_adapter`` loads with ``peft.PeftModel.from_pretrained`` onto the base and
-reproduces base + ΔW up to that error. Supported modules: linear layers and Conv1D (2-D
-weights); embeddings and 1-D parameters are refused with an error naming the module.
+reproduces base + ΔW up to that error. Supported modules: linear layers, Conv1D,
+embeddings and convolutions (``MODULE_KINDS``; which module is which is decided by
+``tasks.lora_targets``); 1-D parameters are refused with an error naming the module.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,7 @@ def write_lora_adapter(
     *,
     rank: int,
     fan_in_fan_out: bool = False,
+    kinds: Mapping[str, str] | None = None,
     base_model_name_or_path: str | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
@@ -133,31 +135,71 @@ def write_lora_adapter(
     time (only the factors are kept).
 
     Module names are the base model's module paths (``transformer.h.0.attn.c_attn``), used
-    as ``target_modules``; weights are saved under PEFT's keys
-    ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``. A module whose smaller
-    dimension is below ``rank`` gets that rank through ``rank_pattern``/``alpha_pattern``
-    (scale stays 1). The folder appears at ``target`` only when complete; with
-    ``replacement`` it is staged there and appears when the caller commits it (together with
-    the model it belongs to).
+    as ``target_modules``. ``kinds`` gives a module's PEFT form (``MODULE_KINDS``, decided by
+    ``tasks.lora_targets``); a module it does not name is ``conv1d`` with ``fan_in_fan_out``,
+    else ``linear``. ΔW is given as stored (Conv1D: in × out; embedding: vocabulary × dim;
+    convolution: out × in × k…) and factored at ``rank`` as a matrix (first dimension × the
+    rest) by ``lora_from_delta``; the factors are saved under PEFT's keys for the kind
+    (``peft_factors``). A module whose smaller dimension is below ``rank`` gets that rank
+    through ``rank_pattern``/``alpha_pattern`` (scale stays 1). The folder appears at
+    ``target`` only when complete; with ``replacement`` it is staged there and appears when
+    the caller commits it (together with the model it belongs to).
     """
-    from peft import LoraConfig  # heavy import, only when writing
-
+    default = "conv1d" if fan_in_fan_out else "linear"
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
+    used: set[str] = set()
     for module, delta in deltas:
         if module in ranks:
             raise LoraExportError(f"{module}: ΔW given twice")
-        pair = lora_from_delta(
-            delta, rank, fan_in_fan_out=fan_in_fan_out, module=module, dtype=dtype
-        )
-        prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = pair.lora_A
-        tensors[f"{prefix}.lora_B.weight"] = pair.lora_B
+        kind = (kinds or {}).get(module, default)
+        shape = tuple(delta.shape)
+        if kind == "conv" and delta.ndim < 3:
+            raise LoraExportError(f"{module}: a convolution's ΔW has 3-5 dimensions, got {shape}")
+        matrix = delta.reshape(shape[0], -1) if kind == "conv" else delta
+        pair = lora_from_delta(matrix, rank, module=module, dtype=dtype)  # ΔW ≈ B @ A
+        for key, tensor in peft_factors(module, kind, pair.lora_B, pair.lora_A, shape).items():
+            tensors[f"base_model.model.{module}.{key}"] = tensor
         ranks[module] = pair.rank
         errors[module] = pair.relative_error
+        used.add(kind)
     if not ranks:
         raise LoraExportError(f"{target}: no modules to export")
+    if {"linear", "conv1d"} <= used:
+        raise LoraExportError(_MIXED.format(target=target))
+    _save_adapter(
+        target, tensors, ranks, rank, fan_in_fan_out="conv1d" in used or fan_in_fan_out,
+        base_model_name_or_path=base_model_name_or_path, overwrite=overwrite,
+        replacement=replacement,
+    )  # fmt: skip
+    return LoraExportReport(
+        path=Path(target).absolute(), rank=rank, ranks=ranks, relative_errors=errors
+    )
+
+
+_MIXED = (
+    "{target}: the modules mix Conv1D (fan_in_fan_out) and linear layers; PEFT's "
+    "fan_in_fan_out is one flag per adapter"
+)
+
+
+def _save_adapter(
+    target: str | Path,
+    tensors: dict[str, torch.Tensor],
+    ranks: Mapping[str, int],
+    rank: int,
+    *,
+    fan_in_fan_out: bool,
+    base_model_name_or_path: str | None,
+    overwrite: bool,
+    replacement: FolderReplacement | None = None,
+) -> None:
+    """adapter_config.json (r = ``rank``, alpha = r, per-module ranks through the patterns)
+    and the weights, in a folder that appears only when complete (or staged in
+    ``replacement``)."""
+    from peft import LoraConfig  # heavy import, only when writing
+
     pattern = {module: r for module, r in ranks.items() if r != rank}
     config = LoraConfig(
         r=rank,
@@ -179,9 +221,6 @@ def write_lora_adapter(
     with context as folder:
         config.save_pretrained(str(folder))
         save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return LoraExportReport(
-        path=Path(target).absolute(), rank=rank, ranks=ranks, relative_errors=errors
-    )
 
 
 #: how a module's weight relates to PEFT's lora_A / lora_B (see ``peft_factors``)
@@ -227,8 +266,6 @@ def write_module_adapter(
     scale is 1); ``fan_in_fan_out`` is set when the modules are Conv1D (a mix of Conv1D and
     plain linear modules is refused: PEFT has one flag). The folder appears only when
     complete."""
-    from peft import LoraConfig
-
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     kinds: set[str] = set()
@@ -242,25 +279,9 @@ def write_module_adapter(
     if not ranks:
         raise LoraExportError(f"{target}: the edit changes no weight matrix; nothing to export")
     if {"linear", "conv1d"} <= kinds:
-        raise LoraExportError(
-            f"{target}: the modules mix Conv1D (fan_in_fan_out) and linear layers; PEFT's "
-            "fan_in_fan_out is one flag per adapter"
-        )
-    rank = max(ranks.values())
-    pattern = {module: r for module, r in ranks.items() if r != rank}
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=sorted(ranks),
-        fan_in_fan_out="conv1d" in kinds,
-        lora_dropout=0.0,
-        bias="none",
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        base_model_name_or_path=base_model_name_or_path,
-        inference_mode=True,
-    )
-    with atomic_folder(target, overwrite=overwrite) as folder:
-        config.save_pretrained(str(folder))
-        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        raise LoraExportError(_MIXED.format(target=target))
+    _save_adapter(
+        target, tensors, ranks, max(ranks.values()), fan_in_fan_out="conv1d" in kinds,
+        base_model_name_or_path=base_model_name_or_path, overwrite=overwrite,
+    )  # fmt: skip
     return ranks
