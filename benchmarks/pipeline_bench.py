@@ -10,7 +10,10 @@ structure) is written into a fresh catalogue. Then, in the same run:
 - the flow on a threaded LocalCluster with 1 and with 2 workers (Prefect's ephemeral API,
   started once beforehand and reported apart);
 - adding a ninth member (cached bases reused) against a full rerun of nine;
-- peak RSS above the start while the flow runs, against the family's size.
+- peak RSS above the start while the flow runs, against the family's size;
+- with ``--processes``: the flow on a real ``dask scheduler`` with 2 ``dask worker``
+  processes (``--nthreads 1``) on 127.0.0.1, beside the embedded 2-worker run (process
+  workers give torch their share of the cores: tasks/worker_threads.py).
 
 Every measurement is repeated (``--rounds``, default 3, interleaved) and the best is
 compared, as the peers' figures in PERFORMANCE.md are. Target: the flow within 1.5× of the
@@ -18,14 +21,18 @@ slower of (a) and (b). The embedding matrices are left
 out (a vocab × 768 embedding splits with side="auto" like any other matrix).
 
     .venv/bin/python benchmarks/pipeline_bench.py [--blocks 12] [--members 8] [--rounds 3]
+        [--processes]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -167,16 +174,53 @@ class Measured:
 
 
 def flow_run(
-    url: str, members: list[str], workers: int, settings: SplitSettings
+    url: str, members: list[str], workers: int, settings: SplitSettings, scheduler=None
 ) -> tuple[float, float, int]:
     with PeakRSS() as rss:
         started = time.perf_counter()
         result = run_decompose(
             "gpt2", members=members, settings=settings, catalogue_url=url, workers=workers,
-            track=False, show_progress=False,
+            track=False, show_progress=False, scheduler=scheduler,
         )  # fmt: skip
         elapsed = time.perf_counter() - started
     return elapsed, rss.above_start_mb, result.bases_computed
+
+
+@contextlib.contextmanager
+def process_cluster(workdir: Path, workers: int = 2):
+    """A real `dask scheduler` and `workers` `dask worker` processes on 127.0.0.1, stopped
+    by process id on exit; yields the scheduler address."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    log = open(workdir / "dask.log", "w")  # noqa: SIM115 - closed below
+    procs = [subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", "127.0.0.1:0"], stdout=log, stderr=log,
+    )]  # fmt: skip
+    for i in range(workers):
+        procs.append(subprocess.Popen(
+            [dask, "worker", address, "--nthreads", "1", "--nworkers", "1",
+             "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0", "--name", f"w{i}"],
+            stdout=log, stderr=log,
+        ))  # fmt: skip
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=120) as client:
+            client.wait_for_workers(workers, timeout=180)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
 
 
 def main() -> None:
@@ -184,6 +228,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of floor, loop and flows")
+    parser.add_argument(
+        "--processes", action="store_true",
+        help="also run on a real scheduler with 2 worker processes",
+    )  # fmt: skip
     args = parser.parse_args()
     console = Console(width=160) if not Console().is_terminal else Console()
     shapes = gpt2_block_shapes(args.blocks)
@@ -207,13 +255,21 @@ def main() -> None:
         loop = Measured("(b) in-memory loop over decompose_layer")
         flows = {w: Measured(f"flow, {w} worker(s)") for w in (1, 2)}
         seeds = iter(range(1, 1000))  # a new seed each run: nothing cached, a full run
-        for round_ in range(args.rounds):
-            console.print(f"round {round_ + 1} of {args.rounds} …")
-            floor.run(io_floor, url, shapes, members, outputs)
-            loop.run(memory_loop, first)
-            for workers, measured in flows.items():
-                settings = SplitSettings(seed=next(seeds))
-                measured.run(flow_run, url, members, workers, settings)
+        with contextlib.ExitStack() as stack:
+            scheduler = stack.enter_context(process_cluster(workdir)) if args.processes else None
+            processes = Measured("flow, scheduler + 2 worker processes")
+            for round_ in range(args.rounds):
+                console.print(f"round {round_ + 1} of {args.rounds} …")
+                floor.run(io_floor, url, shapes, members, outputs)
+                loop.run(memory_loop, first)
+                for workers, measured in flows.items():
+                    settings = SplitSettings(seed=next(seeds))
+                    measured.run(flow_run, url, members, workers, settings)
+                if scheduler is not None:
+                    settings = SplitSettings(seed=next(seeds))
+                    processes.run(flow_run, url, members, 2, settings, scheduler)
+        if args.processes:
+            flows["processes"] = processes
         nine = [*members, f"m{args.members}"]
         added = Measured(f"add a member ({args.members} → {args.members + 1}), cached bases")
         settings = SplitSettings(seed=next(seeds))
@@ -252,9 +308,13 @@ def main() -> None:
         console.print(
             f"[dim]Prefect ephemeral API start-up (once per process, not counted above): "
             f"{startup:.1f} s. Adding a member costs {added.best / full.best:.2f}× a full "
-            f"rerun. Threaded workers share one process: its peak RSS holds all of them. "
+            f"rerun. Threaded workers share one process: its peak RSS holds all of them "
+            f"(process workers' memory is not in the RSS column). "
             f"Target: flow ≤ 1.5× max(floor, loop).[/]"
         )
+        if args.processes:
+            ratio = flows["processes"].best / flows[2].best
+            console.print(f"scheduler + 2 process workers ÷ embedded 2 workers: {ratio:.2f}×")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -31,6 +31,7 @@ from tvsplit.tasks.decompose import (
     split_to_arrays,
 )
 from tvsplit.tasks.split_settings import SplitSettings, digest
+from tvsplit.tasks.worker_threads import share_cores
 
 _log = logging.getLogger(__name__)
 
@@ -404,6 +405,7 @@ def decompose_batch_task(
     run, a Dask submission) per batch rather than per parameter. Raises BatchError (retried)
     or BatchInputError (not retried) naming every parameter that failed, after trying all.
     """
+    share_cores()  # a process worker: its share of the host's cores, not one per core
     done = DecompositionRun(Catalogue(catalogue_url), family, run).completed()
     reports, failures = decompose_parameters(
         catalogue_url,
