@@ -31,8 +31,17 @@ def main(
         is_eager=True,
         help="Print the version and exit.",
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the traceback of an error (also TVSPLIT_DEBUG=1)."
+    ),
 ) -> None:
     """tvsplit: shared and unique parts of task vectors, on Prefect, Dask, Zarr and MLflow."""
+    if debug:
+        import os
+
+        from tvsplit.flows.console import DEBUG_VARIABLE
+
+        os.environ[DEBUG_VARIABLE] = "1"
 
 
 @app.command()

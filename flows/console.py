@@ -1,5 +1,6 @@
 """Terminal output of the flows and the CLI: the one progress-bar set-up and the one way a
-command reports a user error (a red ``error:`` line on stderr, exit status 1, no traceback).
+command reports a user error (a red ``error:`` line on stderr, exit status 1, no traceback
+unless ``--debug`` or ``TVSPLIT_DEBUG=1``).
 
 Imports only rich and typer, so a CLI leaf can import it while building ``--help``.
 """
@@ -23,11 +24,31 @@ err = Console(stderr=True)
 
 
 def fail(message: str) -> NoReturn:
-    """Print ``error: message`` on stderr and exit with status 1 (no traceback)."""
+    """Print ``error: message`` on stderr, on one line (`storage.errors.one_line`), and exit
+    with status 1 (no traceback)."""
     import typer
 
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(1)
+
+
+def print_error(message: str) -> None:
+    """Print ``error: message`` on stderr, on one line (what `fail` prints)."""
+    from rich.markup import escape
+    from tvsplit.storage.errors import one_line
+
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+
+
+def debug_enabled() -> bool:
+    """Whether tracebacks are wanted: the global ``--debug`` option or ``TVSPLIT_DEBUG=1``."""
+    import os
+
+    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+#: Set to 1 by ``--debug``; read by `debug_enabled`.
+DEBUG_VARIABLE = "TVSPLIT_DEBUG"
 
 
 def progress_bars(

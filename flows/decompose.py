@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
+from tvsplit.flows.checks import DecomposeError, plan
 from tvsplit.flows.console import progress_bars
 from tvsplit.flows.settings import Settings, load_settings, prefect_run_settings
 from tvsplit.flows.tracking import use_experiment
@@ -50,10 +51,7 @@ from tvsplit.tasks.report import (
 )
 
 LOOPBACK = "127.0.0.1"
-
-
-class DecomposeError(RuntimeError):
-    """A decomposition that cannot start or did not finish; the message says why."""
+__all__ = ["DecomposeError", "DecomposeResult", "decompose_family", "plan", "run_decompose"]
 
 
 @dataclass
@@ -71,32 +69,6 @@ class DecomposeResult:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: str | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-def plan(
-    catalogue: Catalogue, family: str, members: Sequence[str] | None
-) -> tuple[list[str], list[str]]:
-    """The members (sorted) and the parameters every one of them holds; clear errors for an
-    unknown family or member, or fewer than two members."""
-    if family not in catalogue.families():
-        known = ", ".join(catalogue.families()) or "none"
-        raise DecomposeError(
-            f"no family {family!r} in catalogue {catalogue.url} (families: {known})"
-        )
-    available = catalogue.members(family)
-    chosen = sorted(members) if members else available
-    unknown = [m for m in chosen if m not in available]
-    if unknown:
-        raise DecomposeError(
-            f"family {family!r} has no complete member {unknown[0]!r} (members: {', '.join(available) or 'none'})"
-        )
-    if len(chosen) < 2:
-        raise DecomposeError(
-            f"family {family!r}: a split needs at least 2 members, got {len(chosen)}"
-        )
-    first = catalogue.parameters(family, chosen[0])
-    common = set(first).intersection(*(catalogue.parameters(family, m) for m in chosen[1:]))
-    return chosen, [p for p in first if p in common]
 
 
 @flow(name="tvsplit-decompose", log_prints=True)

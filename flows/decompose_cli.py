@@ -9,13 +9,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 from tvsplit.flows.console import fail as _fail
 from tvsplit.flows.console import out as _out
 from tvsplit.flows.settings import load_settings, prefect_run_settings
 from tvsplit.flows.settings_cli import settings_flags
-from tvsplit.storage.errors import format_validation_error
 
 app = typer.Typer()  # attached at the top level by tvsplit.flows.cli
 
@@ -51,15 +49,19 @@ def decompose_command(
 ) -> None:
     """Split every parameter of FAMILY into shared and unique parts (resumable). The split
     flags are SplitSettings' fields and the registered estimators' parameters."""
+    from tvsplit.flows.checks import InputError, check_decompose
+
+    try:  # before any engine starts: nothing is written on a bad input
+        settings = check_decompose(
+            family, members=members, split=split, workers=workers, scheduler=scheduler,
+            catalogue_url=catalogue,
+        )  # fmt: skip
+    except InputError as error:
+        _fail(str(error))
     from tvsplit.flows.decompose import DecomposeError, run_decompose
     from tvsplit.flows.tracking import ui_hint
     from tvsplit.storage.errors import StorageError
-    from tvsplit.tasks.split_settings import SplitSettings
 
-    try:
-        settings = SplitSettings(**split)
-    except ValidationError as error:
-        _fail(format_validation_error(error, flag=True))
     app_settings = load_settings(catalogue=catalogue)
     try:
         result = run_decompose(
@@ -113,10 +115,22 @@ def edit_command(
         None, "--rank", min=1, help="With --as-adapter: truncate each module to this rank."
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    allow_other_base: bool = typer.Option(
+        False, "--allow-other-base", help="Edit a base other than the family's own."
+    ),
     catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
     track: bool = typer.Option(True, help="Log the recipe and lineage to MLflow."),
 ) -> None:
     """Build an edited model from RECIPE, tensor by tensor, into a loadable folder."""
+    from tvsplit.flows.checks import InputError, check_edit
+
+    try:  # before any engine starts: nothing is written on a bad input
+        check_edit(
+            recipe, output=out, overwrite=overwrite, catalogue_url=catalogue,
+            allow_other_base=allow_other_base,
+        )  # fmt: skip
+    except InputError as error:
+        _fail(str(error))
     from tvsplit.flows.edit import edit_model
     from tvsplit.flows.recipe import RecipeError
     from tvsplit.flows.tracking import ui_hint
@@ -136,8 +150,11 @@ def edit_command(
                 track=track,
                 as_adapter=as_adapter,
                 rank=rank,
+                allow_other_base=allow_other_base,
             )
-    except (RecipeError, EditPlanError, EditError, StorageError, AdapterEditError) as error:
+    except (
+        RecipeError, EditPlanError, EditError, StorageError, AdapterEditError, InputError,
+    ) as error:  # fmt: skip
         _fail(str(error))
     if result.adapter is not None:
         report = result.adapter

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from prefect import flow, task
+from tvsplit.flows.checks import check_base, check_output, lora_folder, output_target
 from tvsplit.flows.console import progress_bars
 from tvsplit.flows.recipe import Recipe, load_recipe
 from tvsplit.flows.settings import load_settings
@@ -22,7 +23,6 @@ from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.model_folder import (
     FolderReplacement,
     ModelFolderWriter,
-    recover_replacement,
 )
 from tvsplit.storage.sources import open_source
 from tvsplit.tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
@@ -80,11 +80,6 @@ def model_card(
     if lora is not None:
         lines += ["", "## LoRA export", "", lora.describe() + "."]
     return "\n".join(lines) + "\n"
-
-
-def lora_folder(output: Path) -> Path:
-    """Where the LoRA export of the model at ``output`` goes: ``<output>-lora`` beside it."""
-    return output.with_name(output.name + "-lora")
 
 
 @task(name="write-edited-model")
@@ -197,19 +192,6 @@ def _lora_plan(recipe: Recipe, base: Any, edited: frozenset[str]) -> LoraTargets
         raise EditPlanError(f"recipe {error}") from None
 
 
-def check_output(target: Path, *, overwrite: bool) -> None:
-    """Refuse an output that exists (without ``overwrite``) or is not a folder; finish a
-    replacement a killed edit left half done first."""
-    recover_replacement(target)
-    for path in (target, lora_folder(target)):
-        if path.exists() and not path.is_dir():
-            raise EditPlanError(
-                f"output: {path} is a file, not a model folder; choose another --out"
-            )
-        if path.exists() and not overwrite:
-            raise EditPlanError(f"output: {path} exists; pass --overwrite or choose another --out")
-
-
 @flow(name="tvsplit-edit", log_prints=True)
 def edit_model(
     recipe_path: str,
@@ -221,13 +203,19 @@ def edit_model(
     show_progress: bool = True,
     as_adapter: bool = False,
     rank: int | None = None,
+    allow_other_base: bool = False,
 ) -> EditResult:
     """Apply the recipe at ``recipe_path`` and write the edited model folder, or with
-    ``as_adapter`` one PEFT LoRA adapter (exact; ``rank`` truncates, error reported)."""
+    ``as_adapter`` one PEFT LoRA adapter (exact; ``rank`` truncates, error reported).
+    A ``base`` other than the family's is refused unless ``allow_other_base``."""
     recipe = load_recipe(recipe_path)
     settings = load_settings(catalogue=catalogue_url)
-    target = Path(output or recipe.output or settings.models / f"{recipe.family}-{recipe.method}")
+    target = output_target(recipe, output, settings)
     check_output(target, overwrite=overwrite)
+    check_base(
+        Catalogue(settings.catalogue), recipe, allow_other_base=allow_other_base,
+        source=str(recipe_path),
+    )  # fmt: skip
     if as_adapter:
         result = write_edit_adapter_task(recipe, settings.catalogue, target, rank, overwrite)
     else:

@@ -37,6 +37,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -45,6 +46,7 @@ from tvsplit.storage.errors import (
     format_validation_error,
     validation_problems,
 )
+from tvsplit.storage.names import check_node_name
 from tvsplit.tasks.edit import EditError, EditMethod, MemberParams, get_method
 
 __all__ = ["Recipe", "RecipeError", "RecipeMember", "check_members", "load_recipe", "parse_recipe"]
@@ -112,11 +114,26 @@ class Recipe(BaseModel):
             raise ValueError(str(error)) from None
         return value
 
+    @field_validator("family", "decomposition", "excluded_from")
+    @classmethod
+    def _node_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or (info.field_name == "excluded_from" and value == "base"):
+            return value
+        kind = {"family": "family", "decomposition": "run"}.get(info.field_name, "member")
+        try:
+            return check_node_name(kind, value)
+        except ValueError as error:
+            raise ValueError(str(error)) from None
+
     @field_validator("members")
     @classmethod
     def _distinct_members(cls, members: list[RecipeMember]) -> list[RecipeMember]:
         seen: set[str] = set()
         for i, member in enumerate(members):
+            try:
+                check_node_name("member", member.name)
+            except ValueError as error:
+                raise ValueError(f"members[{i}].name: {error}") from None
             if member.name in seen:
                 raise ValueError(f"member {member.name!r} is listed twice (members[{i}])")
             seen.add(member.name)
@@ -167,6 +184,10 @@ class Recipe(BaseModel):
 
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     """Validate a recipe from parsed YAML/JSON data; RecipeError lists every faulty field."""
+    if data is None:
+        raise RecipeError(
+            f"{source}: the recipe is empty; it needs base, family, method and members"
+        )
     if not isinstance(data, dict):
         raise RecipeError(
             f"{source}: a recipe is a mapping (base, family, method, members, ...), "
@@ -185,13 +206,25 @@ def load_recipe(path: str | Path) -> Recipe:
     (YAML syntax errors with their line and column)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as error:
         raise RecipeError(f"{path}: cannot read the recipe ({error.strerror})") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"{path}: not a text (UTF-8) file, byte {error.start} is 0x{raw[error.start]:02x}; "
+            "a recipe is YAML"
+        ) from None
+    if "\x00" in text:
+        raise RecipeError(f"{path}: not a text file (it holds NUL bytes); a recipe is YAML")
+    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
     return parse_recipe(data, source=str(path))
 
 

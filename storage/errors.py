@@ -91,3 +91,39 @@ def format_validation_error(
         return f"{source}\n{body}" if source else body
     text = "; ".join(lines)
     return f"{source}: {text}" if source else text
+
+
+# --------------------------------------------------------------------------- user messages
+#: Exceptions whose text is already a message for the user (they name the file, member,
+#: parameter, option or value): printed as they are, without their type.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, LookupError, ConnectionError)
+
+
+def user_message(error: BaseException) -> str:
+    """The one line printed for ``error`` (``tvsplit.cli.main`` prints it after ``error:``).
+
+    A pydantic ``ValidationError`` becomes ``field: reason`` parts; a ``ValueError`` (every
+    ``StorageError``, recipe, plan and settings error derives from it) is its own text; an
+    ``OSError`` names its file and the reason; anything else (a bug) keeps its type name.
+    Lines are joined with ``; `` (the whole message is one line)."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        text = format_validation_error(error)
+    elif isinstance(error, UnicodeError):
+        text = f"{type(error).__name__}: {error}"
+    elif isinstance(error, OSError) and not isinstance(error, ConnectionError):
+        where = error.filename if error.filename is not None else ""
+        reason = error.strerror or str(error)
+        text = f"{where}: {reason}" if where else reason
+    elif isinstance(error, _USER_ERRORS):
+        text = str(error) or type(error).__name__
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return one_line(text)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: its lines stripped and joined with ``; `` (bullets dropped)."""
+    parts = [line.strip().removeprefix("- ").strip() for line in text.splitlines()]
+    return "; ".join(part for part in parts if part)

@@ -26,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 from prefect.tasks import exponential_backoff
+from tvsplit.storage.base_identity import IDENTITY, identity_record
 from tvsplit.storage.catalogue import Catalogue, entry_label
 from tvsplit.storage.checkpoint import Checkpoint
 from tvsplit.storage.errors import CatalogueError, SourceError, StorageError
@@ -425,9 +426,15 @@ def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> In
     finally:
         if progress is not None:
             progress.stop()
+    identity = {IDENTITY: identity_record(source)} if job.member is None else {}
     writer.finish(
         plan.names,
-        {**fingerprint, "role": "base" if job.member is None else "vector", **plan.attrs},
+        {
+            **fingerprint,
+            "role": "base" if job.member is None else "vector",
+            **plan.attrs,
+            **identity,
+        },
     )
     if staged:  # the old entry was readable until now; it goes only as the new one comes
         catalogue.promote(job.family, job.member)

@@ -18,8 +18,16 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from tvsplit.tasks.estimators import EstimatorError, estimator_fields, get_estimator
+from tvsplit.tasks.rank_rule import RankRuleError, parse_rank_rule
 
 BASIS_FIELDS = ("rank", "max_rank_fraction", "side", "seed", "solver")
 SPLIT_FIELDS = ("method", "two_sided", "one_d")
@@ -67,6 +75,16 @@ class SplitSettings(BaseModel):
     solver: Literal["auto", "full", "randomized"] = Field(
         "auto", description="SVD solver (auto: a randomized sketch for large matrices)."
     )
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_rule(cls, value: str) -> str:
+        """A rule `tasks.rank_rule` parses, with its value in range (checked before any job)."""
+        try:
+            parse_rank_rule(value)
+        except RankRuleError as error:
+            raise ValueError(str(error)) from None
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tvsplit.flows.checks import InputError
 from tvsplit.flows.decompose import run_decompose
 from tvsplit.flows.edit import edit_model
 from tvsplit.flows.ingest import ingest
@@ -275,7 +276,7 @@ def test_overwrite_without_lora_removes_the_old_adapter(pipeline, tmp_path):
         first, output=str(out), catalogue_url=pipeline["url"], lora_rank=4, track=False,
         show_progress=False,
     )  # fmt: skip
-    with pytest.raises(EditPlanError, match="exists; pass --overwrite"):
+    with pytest.raises(InputError, match="exists; pass --overwrite"):
         edit_model(first, output=str(out), catalogue_url=pipeline["url"], track=False)
     second = _recipe(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft2"}])
     result = edit_model(
@@ -290,7 +291,7 @@ def test_overwrite_without_lora_removes_the_old_adapter(pipeline, tmp_path):
 
 def test_output_that_is_a_file_is_refused(pipeline, tmp_path):
     (tmp_path / "out").write_text("not a folder")
-    with pytest.raises(EditPlanError, match="is a file, not a model folder"):
+    with pytest.raises(InputError, match="is a file, not a model folder"):
         _edit(pipeline, tmp_path, method="task_arithmetic", members=[{"name": "ft1"}])
     assert (tmp_path / "out").read_text() == "not a folder"
 

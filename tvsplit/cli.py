@@ -1,4 +1,8 @@
-"""Console entry point `tvsplit` (the app itself lives in `tvsplit.flows.cli`).
+"""Console entry point `tvsplit` (`main`; the typer app itself lives in `tvsplit.flows.cli`).
+
+`main` runs the app and turns any exception that escapes a command into one ``error: ...``
+line on stderr and exit status 1 (`storage.errors.user_message`, `flows.console.fail`); the
+traceback is shown only with the global ``--debug`` option or ``TVSPLIT_DEBUG=1``.
 
 Quiet, offline-friendly defaults for the engines, set before they are imported; a user's
 own environment always wins.
@@ -28,7 +32,41 @@ stages.mark_entered(_ENTERED)
 with stages.stage("imports"):
     from tvsplit.flows.cli import app
 
-__all__ = ["app"]
+__all__ = ["app", "main"]
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run `tvsplit` with ``args`` (default: the command line): one line per error."""
+    import sys
+
+    from tvsplit.flows.console import DEBUG_VARIABLE, debug_enabled, print_error
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if "--debug" in argv[: _first_command(argv)]:
+        os.environ[DEBUG_VARIABLE] = "1"
+    try:
+        app(args=argv, prog_name="tvsplit")
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        print_error("interrupted")
+        sys.exit(130)
+    except Exception as error:
+        if debug_enabled():
+            raise
+        from tvsplit.storage.errors import user_message
+
+        print_error(user_message(error) + " (--debug shows the traceback)")
+        sys.exit(1)
+
+
+def _first_command(argv: list[str]) -> int:
+    """Index of the first argument that is not a global option (the command's name)."""
+    for index, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            return index
+    return len(argv)
+
 
 if __name__ == "__main__":
-    app()
+    main()
