@@ -11,6 +11,7 @@ number of parameters read.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -72,12 +73,18 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             raise SourceError(
                 f"{index}: not a checkpoint index with a weight_map ({error})"
             ) from None
-        shards = {name: index.parent / shard for name, shard in weight_map.items()}
+        if not isinstance(weight_map, Mapping):
+            raise SourceError(f"{index}: weight_map is not a mapping of names to shard files")
+        shards = {
+            name: index.parent / _shard_name(index, name, shard)
+            for name, shard in weight_map.items()
+        }
         for name, shard in shards.items():
             if not shard.is_file():
                 raise SourceError(f"{index}: shard {shard.name} (holding {name!r}) is missing")
             if shard.suffix in PICKLE_SUFFIXES and not allow_pickle:
                 refuse_pickle(shard)
+        _check_shards(index, shards)
         return cls(shards, str(index))
 
     # -- mapping ---------------------------------------------------------------------------
@@ -85,8 +92,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         path = self.file_of(name)
         if path.suffix in PICKLE_SUFFIXES:
             return self._pickle_tensor(path, name)
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as error:  # a file changed or damaged since it was opened
+            raise SourceError(f"{path}: cannot read tensor {name!r} ({error})") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._weight_map)
@@ -129,6 +139,42 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         return self._pickle_state[name]
 
 
+def _shard_name(index: Path, name: str, shard: object) -> str:
+    """The shard file an index entry names; SourceError naming the entry when it is not a
+    plain relative path inside the index's folder (``../x``, ``/abs``: never followed)."""
+    if not isinstance(shard, str) or not shard:
+        raise SourceError(f"{index}: weight_map entry {name!r} does not name a shard file")
+    normal = os.path.normpath(shard)
+    if os.path.isabs(shard) or normal == ".." or normal.startswith(".." + os.sep):
+        raise SourceError(
+            f"{index}: weight_map entry {name!r} names {shard!r}, outside the checkpoint's "
+            "folder; refused"
+        )
+    return normal
+
+
+def _check_shards(index: Path, shards: Mapping[str, Path]) -> None:
+    """Every safetensors shard opens (its header is sound and fits the file) and holds the
+    tensors the index puts in it; SourceError naming the shard otherwise."""
+    wanted: dict[Path, list[str]] = {}
+    for name, shard in shards.items():
+        wanted.setdefault(shard, []).append(name)
+    for shard, names in wanted.items():
+        if shard.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                held = set(handle.keys())
+        except Exception as error:
+            raise SourceError(f"{shard}: not a readable safetensors file ({error})") from None
+        absent = [name for name in names if name not in held]
+        if absent:
+            raise SourceError(
+                f"{index}: shard {shard.name} does not hold {absent[0]!r} "
+                f"({len(absent)} tensor(s) the index puts there)"
+            )
+
+
 def file_metadata(path: Path) -> dict[str, str]:
     """The free-form ``__metadata__`` of a safetensors file (empty when absent)."""
     with safe_open(str(path), framework="pt") as handle:
@@ -158,11 +204,15 @@ def _safetensors_dtype(code: str) -> str:
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A pickle checkpoint loaded with `weights_only=True` (memory-mapped when possible)."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SourceError(f"{path}: cannot be loaded with weights_only=True ({error})") from None
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only refuses any object that is not plain data
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SourceError(
+            f"{path}: refused, it cannot be loaded as plain data with weights_only=True ({reason})"
+        ) from None
     if (
         isinstance(state, Mapping)
         and "state_dict" in state

@@ -19,6 +19,7 @@ import fnmatch
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -252,6 +253,21 @@ def _model_member_plan(base: OpenedSource, member: OpenedSource, job: IngestJob)
     return _Plan(names, produce)
 
 
+def _check_target_modules(config: Any, base: Checkpoint, where: Path, job: IngestJob) -> None:
+    """A LoRA config's ``target_modules`` (a list) names modules of the base: an adapter
+    made for another model is refused, naming the module, not ingested as a partial delta."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) or not targets:
+        return  # a regex or "all-linear": matched by PEFT, nothing to check by name
+    modules = {name.rpartition(".")[0] for name in base}
+    for target in sorted(targets):
+        if not any(m == target or m.endswith("." + target) for m in modules):
+            raise SourceError(
+                f"{where}: target_modules names {target!r}, which is no module of the base "
+                f"{job.base_source}; is the adapter made for another model?"
+            )
+
+
 def _lora_plan(base: OpenedSource, member: OpenedSource, job: IngestJob) -> _Plan:
     base_ckpt = _model_checkpoint(base, "base")
     adapter = member.adapter
@@ -264,6 +280,7 @@ def _lora_plan(base: OpenedSource, member: OpenedSource, job: IngestJob) -> _Pla
     if both:
         raise SourceError(f"{where}: {sorted(both)[0]!r} is both LoRA-adapted and saved whole")
     config = adapter.config
+    _check_target_modules(config, base_ckpt, adapter.folder / "adapter_config.json", job)
 
     def produce(todo: Sequence[str]) -> Iterator[tuple[str, torch.Tensor | None, dict]]:
         common = {
