@@ -10,6 +10,7 @@ Spec shape::
         members:
           <member>: <source>
         suite: [optional suite name, rerun by `tvsplit sync` after a decomposition]
+        base_by_reference: [optional, false: keep the base as a reference to its files]
 
 One Prefect task per source (the base first, then each member), retried with backoff on
 network errors only. Progress shows as rich bars; the outcome of every source (ingested,
@@ -60,6 +61,11 @@ class FamilySpec(BaseModel):
     members: dict[str, str] = Field(default_factory=dict, description="Member name → source.")
     suite: str | None = Field(
         default=None, description="Suite `tvsplit sync` reruns after decomposing the family."
+    )
+    base_by_reference: bool = Field(
+        default=False,
+        description="Keep the base by reference to its safetensors files instead of a copy "
+        "(for large bases of adapter families; the files must stay where they are).",
     )
 
     @field_validator("base")
@@ -171,7 +177,14 @@ def ingest_flow(
                 "allow_pickle": allow_pickle,
                 "replace": replace,
             }
-            jobs = [IngestJob(member=None, source=fspec.base, **common)]
+            jobs = [
+                IngestJob(
+                    member=None,
+                    source=fspec.base,
+                    base_by_reference=fspec.base_by_reference,
+                    **common,
+                )
+            ]
             jobs += [
                 IngestJob(member=name, source=source, **common)
                 for name, source in fspec.members.items()

@@ -12,6 +12,10 @@ Guarantees:
   4–16 MiB chunks (an array smaller than that is one chunk), compressed with zstd;
 - parameter names are stored under reversible zarr-safe keys (`storage.names`) and the
   true name is kept in each array's attrs;
+- a base may be kept by reference to its source file instead of a copy (``layout:
+  reference``: an empty array whose attrs name the file, the tensor and the file's size,
+  mtime and sha256; `EntryWriter.write_reference`); reading it reads that file, and a file
+  gone or changed since (size or mtime moved and sha256 differs) is a CatalogueError;
 - every entry (a base or a vector group) and every array carries provenance attrs under
   the ``tvsplit`` key; an array is marked complete only after its data is written, and an
   entry only after all its arrays are, so readers never trust a half-written entry and a
@@ -55,6 +59,7 @@ from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
 
 Rows = slice | int | None
+REFERENCE = "reference"  # the ``layout`` attr of a parameter kept by reference to its file
 
 
 @dataclass(frozen=True)
@@ -339,6 +344,7 @@ class EntryReader:
     def __init__(self, group: zarr.Group, label: str) -> None:
         self._group = group
         self.label = label
+        self._checked_files: set[str] = set()
 
     def array(self, name: str) -> zarr.Array:
         """The stored array of parameter `name` (CatalogueError naming it when absent)."""
@@ -366,12 +372,53 @@ class EntryReader:
         return read_checked(array, manifest_of(attrs), label, read)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """The parameter's shape (for factors: the dense ΔW's, not the packed array's)."""
+        """The parameter's shape (for factors: the dense ΔW's, not the packed array's; by
+        reference: the referenced tensor's)."""
         array = self.array(name)
         layout = dict(array.attrs.get(ATTRS, {}))
-        if layout.get("layout") == FACTORS:
+        if layout.get("layout") in (FACTORS, REFERENCE):
             return tuple(int(s) for s in layout["param_shape"])
         return tuple(array.shape)
+
+    def referenced(self, name: str, rows: Rows = None) -> torch.Tensor | None:
+        """Parameter `name` read from the file it is kept by reference to (float32; whole or
+        rows `rows`), or None when it is stored in the catalogue."""
+        attrs = dict(self.array(name).attrs.get(ATTRS, {}))
+        if attrs.get("layout") != REFERENCE:
+            return None
+        path = attrs["ref_file"]
+        if path not in self._checked_files:
+            self._check_reference(name, attrs)
+            self._checked_files.add(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            if rows is None:
+                tensor = handle.get_tensor(attrs["ref_key"])
+            else:
+                view = handle.get_slice(attrs["ref_key"])
+                tensor = view[rows] if isinstance(rows, slice) else view[rows : rows + 1][0]
+        return tensor.to(torch.float32).contiguous()
+
+    def _check_reference(self, name: str, attrs: dict[str, Any]) -> None:
+        from tvsplit.storage.provenance import sha256_file
+
+        path = Path(attrs["ref_file"])
+        where = f"{self.label}: parameter {name!r} is kept by reference to {path}"
+        try:
+            stat = path.stat()
+        except OSError:
+            raise CatalogueError(
+                f"{where}, which is gone; restore it or re-ingest the base (tvsplit catalogue "
+                "rm, then ingest)"
+            ) from None
+        if (stat.st_size, stat.st_mtime_ns) == (attrs["ref_size"], attrs["ref_mtime_ns"]):
+            return
+        if stat.st_size != attrs["ref_size"] or sha256_file(path) != attrs["ref_sha256"]:
+            raise CatalogueError(
+                f"{where}, which changed since it was ingested (sha256 differs); restore it "
+                "or re-ingest the base (tvsplit catalogue rm, then ingest)"
+            )
 
     def stored_bytes(self, name: str) -> int:
         """Bytes of the parameter as stored, uncompressed (factors: the factors' bytes)."""
@@ -386,6 +433,9 @@ class EntryReader:
         if low_rank is not None:
             dense = low_rank.dense()
             return dense if rows is None else dense[rows].contiguous()
+        referenced = self.referenced(name, rows)
+        if referenced is not None:
+            return referenced
         array = self.array(name)
         attrs = dict(array.attrs.get(ATTRS, {}))
         whole = rows is None or array.ndim == 0
@@ -414,6 +464,10 @@ class EntryReader:
         if low_rank is not None:
             out.copy_(low_rank.dense())
             return out
+        referenced = self.referenced(name)
+        if referenced is not None:
+            out.copy_(referenced)
+            return out
         self._checked(
             name, array, dict(array.attrs.get(ATTRS, {})),
             lambda: array.get_basic_selection(Ellipsis, out=NDBuffer.from_numpy_array(out.numpy())),
@@ -436,6 +490,27 @@ class EntryWriter:
         """Store a LoRA ΔW as its factors (one packed array, float32) under `name`; return the
         stored bytes. Readers get the factors (``factors``) or the dense ΔW (``read``)."""
         return self.write(name, delta.packed(), {**attrs, **delta.layout()}, shape=delta.shape)
+
+    def write_reference(
+        self, name: str, file: Path, key: str, shape: Sequence[int], attrs: Mapping[str, Any]
+    ) -> int:
+        """Keep parameter `name` by reference to tensor `key` of safetensors `file` (its
+        size, mtime and sha256 recorded, checked on read); nothing of it is copied: returns
+        0 bytes. Readers get the tensor from the file (``read``), as float32."""
+        from tvsplit.storage.provenance import sha256_file
+
+        file = Path(file).absolute()
+        stat = file.stat()
+        reference = {
+            "layout": REFERENCE,
+            "param_shape": [int(s) for s in shape],
+            "ref_file": str(file),
+            "ref_key": key,
+            "ref_size": stat.st_size,
+            "ref_mtime_ns": stat.st_mtime_ns,
+            "ref_sha256": sha256_file(file),
+        }
+        return self.write(name, torch.empty(0), {**attrs, **reference}, shape=shape)
 
     def write(
         self,

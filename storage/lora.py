@@ -23,10 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tvsplit.storage.checkpoint import PICKLE_SUFFIXES, Checkpoint
 from tvsplit.storage.errors import SourceError
+from tvsplit.storage.kohya import read_kohya
 from tvsplit.storage.lowrank import LowRankDelta
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -53,7 +55,8 @@ class _Module:
 
 
 class LoraAdapter:
-    """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+    """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``),
+    or a kohya / A1111 file converted by diffusers (`from_kohya`; ``layout`` says which).
 
     `deltas` maps each target parameter name (``<module>.weight``, ``<module>.bias``) as
     the base model names it to the module that produces it; `delta(name)` computes it.
@@ -69,6 +72,8 @@ class LoraAdapter:
             raise SourceError(
                 f"{self.folder / ADAPTER_CONFIG}: not a PEFT config ({error})"
             ) from None
+        self.layout = "peft"
+        self.other_components: tuple[str, ...] = ()
         if config.peft_type != PeftType.LORA:
             raise SourceError(
                 f"{self.folder / ADAPTER_CONFIG}: PEFT type {config.peft_type} is not supported "
@@ -83,8 +88,28 @@ class LoraAdapter:
             raise SourceError(
                 f"{self.folder}: adapter_config.json but no adapter_model.safetensors"
             )
-        self.weights = Checkpoint.from_file(weights_file, allow_pickle=allow_pickle)
+        weights = Checkpoint.from_file(weights_file, allow_pickle=allow_pickle)
+        self._index(weights, weights_file, [self.folder / ADAPTER_CONFIG, weights_file])
+
+    @classmethod
+    def from_kohya(cls, path: Path) -> LoraAdapter:
+        """A Stable-Diffusion LoRA file in the kohya / A1111 layout, converted by diffusers'
+        own loader (`storage.kohya`); its UNet modules, read like a PEFT adapter's."""
+        kohya = read_kohya(Path(path))
+        adapter = cls.__new__(cls)
+        adapter.folder = Path(path).parent
+        adapter.config = kohya.config
+        adapter.layout = "kohya"
+        adapter.other_components = kohya.other_components
+        adapter._refuse_unsupported()
+        adapter._index(kohya.weights, Path(path), [Path(path)])
+        return adapter
+
+    def _index(self, weights: Any, weights_file: Path, files: list[Path]) -> None:
+        """Sort the adapter's tensors into modules, whole weights and stored base layers."""
+        self.weights = weights
         self.weights_file = weights_file
+        self._files = files
         self._modules: dict[str, _Module] = {}
         self.full_weights: dict[str, str] = {}  # module_to_save parameter name → adapter key
         self.stored_base: dict[str, str] = {}  # adapted weight → its stored base-layer copy
@@ -145,7 +170,7 @@ class LoraAdapter:
     @property
     def files(self) -> list[Path]:
         """The adapter's files: its config and its weights."""
-        return [self.folder / ADAPTER_CONFIG, self.weights_file]
+        return list(self._files)
 
     @property
     def pickled(self) -> bool:

@@ -7,7 +7,9 @@ A source string is one of::
     path/to/file.safetensors     full weights, or a task vector (see below)
     delta:<any of the above>     force "this is already a task vector"
 
-A folder holding ``adapter_config.json`` is a PEFT LoRA adapter; otherwise it is a model.
+A folder holding ``adapter_config.json`` is a PEFT LoRA adapter; a ``.safetensors`` file in
+the kohya / A1111 LoRA layout (or a folder holding only such a file) is a Stable-Diffusion
+LoRA, read with diffusers' loader (`storage.kohya`); otherwise it is a model.
 A ``.safetensors`` file whose metadata has ``tvsplit.kind = task_vector`` (what tvsplit
 writes) is a ready task vector. Pickle checkpoints are refused unless `allow_pickle`.
 """
@@ -28,6 +30,7 @@ from tvsplit.storage.checkpoint import (
 )
 from tvsplit.storage.errors import SourceError
 from tvsplit.storage.hub import check_repo_id, fetch
+from tvsplit.storage.kohya import is_kohya_file
 from tvsplit.storage.lora import ADAPTER_CONFIG, LoraAdapter
 from tvsplit.storage.provenance import sha256_file
 
@@ -132,6 +135,8 @@ def open_source(source: str | SourceRef, *, allow_pickle: bool = False) -> Opene
 
 
 def _open_location(ref: SourceRef, location: Path, *, allow_pickle: bool) -> OpenedSource:
+    if location.is_file() and is_kohya_file(location):
+        return _kohya_source(ref, location)
     if location.is_file():
         checkpoint = Checkpoint.from_file(location, allow_pickle=allow_pickle)
         kind: SourceKind = "delta" if ref.delta or _is_task_vector(location) else "model"
@@ -141,6 +146,9 @@ def _open_location(ref: SourceRef, location: Path, *, allow_pickle: bool) -> Ope
             raise SourceError(f"{location}: a LoRA adapter cannot be read as a ready task vector")
         adapter = LoraAdapter(location, allow_pickle=allow_pickle)
         return OpenedSource(ref, "lora", location, adapter=adapter, files=adapter.files)
+    weights = sorted(location.glob("*.safetensors"))
+    if len(weights) == 1 and is_kohya_file(weights[0]):
+        return _kohya_source(ref, weights[0])
     checkpoint = _folder_checkpoint(location, allow_pickle=allow_pickle)
     kind = "delta" if ref.delta else "model"
     files = checkpoint.files
@@ -148,6 +156,13 @@ def _open_location(ref: SourceRef, location: Path, *, allow_pickle: bool) -> Ope
     if index.suffix == ".json":
         files = [index, *files]
     return OpenedSource(ref, kind, location, checkpoint=checkpoint, files=files)
+
+
+def _kohya_source(ref: SourceRef, path: Path) -> OpenedSource:
+    if ref.delta:
+        raise SourceError(f"{path}: a LoRA file cannot be read as a ready task vector")
+    adapter = LoraAdapter.from_kohya(path)
+    return OpenedSource(ref, "lora", path, adapter=adapter, files=adapter.files)
 
 
 def _folder_checkpoint(folder: Path, *, allow_pickle: bool) -> Checkpoint:

@@ -6,6 +6,12 @@ module; ready task vectors checked against the base), and writes each result to 
 catalogue (`storage.catalogue`) before reading the next, so peak memory is bounded by the
 largest parameter, not by the model.
 
+A base may be kept by reference to its source's safetensors files instead of copied
+(``base_by_reference``): only headers are read at ingest (no finiteness check of data that
+is not read), and readers read the files in place (`storage.catalogue`); a 7B base costs
+nothing in the catalogue, which a family of adapters (whose ingest and split never read the
+base's data) needs.
+
 Guarantees: every problem with the inputs (missing or unexpected parameters, shape
 mismatches, non-float tensors, NaN/Inf, pickle refused) raises before or instead of
 marking anything complete, with a message naming the file and the parameter; a rerun of
@@ -56,6 +62,7 @@ class IngestJob:
     # A complete entry made from something else is rebuilt beside it and swapped in only once
     # complete (a changed source under `tvsplit sync`); False: such an entry is an error.
     replace: bool = False
+    base_by_reference: bool = False  # the base kept by reference to its files, not copied
 
     @property
     def label(self) -> str:
@@ -157,13 +164,41 @@ def _file_attrs(source: OpenedSource, checkpoint: Checkpoint, name: str, prefix:
     }
 
 
+@dataclass(frozen=True)
+class _Reference:
+    """A base parameter kept by reference: tensor `key` of safetensors `file`."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+
+
 def _base_plan(base: OpenedSource, job: IngestJob) -> _Plan:
     checkpoint = _model_checkpoint(base, "base")
     names = select_parameters(checkpoint, job.include, job.exclude)
     if not names:
         raise SourceError(f"{base.text}: no parameters left after include/exclude")
+    if job.base_by_reference:
+        pickled = [p for p in checkpoint.files if p.suffix != ".safetensors"]
+        if pickled:
+            raise SourceError(
+                f"{pickled[0]}: a base kept by reference must be safetensors (it is read in "
+                "place later); ingest this base as a copy"
+            )
 
-    def produce(todo: Sequence[str]) -> Iterator[tuple[str, torch.Tensor | None, dict]]:
+    def produce(todo: Sequence[str]) -> Iterator[tuple[str, Any, dict]]:
+        if job.base_by_reference:  # headers only: the data stays in the source's files
+            for name in todo:
+                shape, dtype = checkpoint.header(name)
+                if not dtype.startswith(("float", "bfloat")):
+                    raise TaskVectorError(
+                        f"{checkpoint.file_of(name)}: parameter {name!r} has dtype {dtype}; "
+                        "only floating-point weights can be catalogued (exclude it in the spec)"
+                    )
+                attrs = {"kind": "weights", "dtype": dtype}
+                reference = _Reference(checkpoint.file_of(name), name, tuple(shape))
+                yield name, reference, {**attrs, **_file_attrs(base, checkpoint, name)}
+            return
         for name in todo:
             where = str(checkpoint.file_of(name))
             tensor = checked_weights(name, checkpoint[name], where)
@@ -345,7 +380,14 @@ def _lora_plan(base: OpenedSource, member: OpenedSource, job: IngestJob) -> _Pla
                 attrs = {"kind": "zero", "dtype": base_dtype, "shape": list(base_shape)}
                 yield name, None, {**common, **attrs, "note": "not adapted by the LoRA adapter"}
 
-    return _Plan(names, produce, {"lora": {"r": config.r, "lora_alpha": config.lora_alpha}})
+    lora: dict[str, Any] = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "layout": adapter.layout,
+    }
+    if adapter.other_components:  # e.g. a kohya file's text-encoder LoRA: another model's
+        lora["not_ingested"] = list(adapter.other_components)
+    return _Plan(names, produce, {"lora": lora})
 
 
 def _check_stored_base(name: str, base: torch.Tensor, adapter: Any, key: str, where: str) -> None:
@@ -419,6 +461,8 @@ def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> In
     }
     if job.member is not None:
         fingerprint["base"] = base.provenance()
+    elif job.base_by_reference:
+        fingerprint["by_reference"] = True
     staged = existing is not None and existing.complete
     if staged and existing.attrs.get("fingerprint") == fingerprint:
         return IngestResult(
@@ -435,6 +479,8 @@ def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> In
         for name, tensor, attrs in plan.produce(todo):
             if isinstance(tensor, LowRankDelta):
                 nbytes = writer.write_factors(name, tensor, attrs)
+            elif isinstance(tensor, _Reference):
+                nbytes = writer.write_reference(name, tensor.file, tensor.key, tensor.shape, attrs)
             else:
                 nbytes = writer.write(name, tensor, attrs)
             written_bytes += nbytes
