@@ -395,3 +395,187 @@ def test_scheduler_where_nothing_listens(catalogue, capfd):
     )  # fmt: skip
     assert_one_error(code, err, f"--scheduler: nothing answers at {address}")
     assert _listing(Path(catalogue.url)) == before
+
+
+# --------------------------------------------------------------------------- model files
+@pytest.fixture
+def _prefect_logging(catalogue):
+    """Prefect's log handlers are set up by the module's first flow (the catalogue's ingest),
+    outside any one test's output capture: a handler bound to a test's captured stream
+    fails once that capture is closed."""
+
+
+def _ingest(capfd, repos, tmp_path, member: Path, *flags: str) -> tuple[int, str, str]:
+    """``tvsplit ingest`` of family 'fam' (the tiny base) with one member 'bad' at
+    ``member``; asserts that no traceback was printed and that 'bad' is not complete."""
+    from tvsplit.storage.catalogue import Catalogue
+
+    spec = tmp_path / "spec.yaml"
+    family = {"base": str(repos.base), "members": {"bad": str(member)}}
+    spec.write_text(yaml.safe_dump({"families": {"fam": family}}))
+    url = str(tmp_path / "c.zarr")
+    code, out, err = run_cli(
+        capfd, "ingest", str(spec), "--catalogue", url, "--no-progress", *flags
+    )
+    assert code == 1, (out, err)
+    assert "Traceback" not in out + err, out + err
+    assert [line for line in err.splitlines() if line.startswith("error: ")], err
+    assert "bad" not in Catalogue(url).members("fam")
+    return code, out, err
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(folder, to))
+
+
+def _header(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (parsed) and its data bytes."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + size]), raw[8 + size :]
+
+
+def _write_with_header(path: Path, header: dict, data: bytes) -> None:
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def test_index_naming_a_shard_outside_its_folder_is_refused(
+    _prefect_logging, repos, tmp_path, capfd
+):
+    import json
+
+    member = _copy(repos.sharded, tmp_path / "member")
+    index = member / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    name, shard = next(iter(content["weight_map"].items()))
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((member / shard).read_bytes())  # a readable file: must not be read
+    content["weight_map"][name] = "../outside.safetensors"
+    index.write_text(json.dumps(content))
+    _, _, err = _ingest(capfd, repos, tmp_path, member)
+    assert (
+        f"weight_map entry {name!r} names '../outside.safetensors', outside the checkpoint's folder; refused"
+        in err
+    )
+
+
+def test_index_naming_a_shard_without_the_tensor_is_refused(
+    _prefect_logging, repos, tmp_path, capfd
+):
+    import json
+
+    member = _copy(repos.sharded, tmp_path / "member")
+    index = member / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    shards = sorted(set(content["weight_map"].values()))
+    name = next(n for n, s in content["weight_map"].items() if s == shards[0])
+    content["weight_map"][name] = shards[1]
+    index.write_text(json.dumps(content))
+    _, _, err = _ingest(capfd, repos, tmp_path, member)
+    assert f"shard {shards[1]} does not hold {name!r}" in err
+
+
+def test_truncated_safetensors_is_refused(_prefect_logging, repos, tmp_path, capfd):
+    member = _copy(repos.ft1, tmp_path / "member")
+    weights = member / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) // 2])
+    _, _, err = _ingest(capfd, repos, tmp_path, member)
+    assert f"{weights}: not a readable safetensors file" in err
+
+
+def test_corrupt_header_is_refused(_prefect_logging, repos, tmp_path, capfd):
+    member = _copy(repos.ft1, tmp_path / "member")
+    weights = member / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[8:40] = b"\xff" * 32
+    weights.write_bytes(bytes(raw))
+    _, _, err = _ingest(capfd, repos, tmp_path, member)
+    assert f"{weights}: not a readable safetensors file" in err
+
+
+@pytest.mark.parametrize("lie", ["shape", "offsets"])
+def test_header_sizes_that_disagree_with_the_file_are_refused(
+    _prefect_logging, lie, repos, tmp_path, capfd
+):
+    member = _copy(repos.ft1, tmp_path / "member")
+    weights = member / "model.safetensors"
+    header, data = _header(weights)
+    name = next(k for k in header if k != "__metadata__")
+    if lie == "shape":  # twice the elements the offsets hold
+        header[name]["shape"] = [2 * header[name]["shape"][0], *header[name]["shape"][1:]]
+    else:  # the last tensor ends past the end of the file
+        last = max(
+            (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1]
+        )
+        header[last]["data_offsets"][1] += 4096
+    _write_with_header(weights, header, data)
+    _, _, err = _ingest(capfd, repos, tmp_path, member)
+    assert f"{weights}: not a readable safetensors file" in err
+
+
+class _Evil:
+    """Pickles to a call that creates a marker file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("format", ["zip", "legacy"])
+def test_malicious_pickle_runs_no_code(_prefect_logging, format, repos, tmp_path, capfd):
+    import pickle
+    import shutil
+
+    import torch
+
+    member = tmp_path / "member"
+    member.mkdir()
+    shutil.copy(repos.ft1 / "config.json", member / "config.json")
+    marker = tmp_path / "marker"
+    payload = {"transformer.wte.weight": torch.zeros(2, 2), "evil": _Evil(marker)}
+    if format == "zip":
+        torch.save(payload, member / "pytorch_model.bin")
+    else:
+        with open(member / "pytorch_model.bin", "wb") as handle:
+            pickle.dump(payload, handle)
+    _, _, err = _ingest(capfd, repos, tmp_path, member, "--allow-pickle")
+    assert (
+        "pytorch_model.bin: refused, it cannot be loaded as plain data with weights_only=True"
+        in err
+    )
+    assert not marker.exists()
+    again = tmp_path / "without-allow-pickle"
+    again.mkdir()
+    _, _, err = _ingest(capfd, repos, again, member)
+    assert "pickle checkpoints can run arbitrary code when loaded and are refused" in err
+    assert not marker.exists()
+
+
+def test_lora_config_naming_modules_absent_from_the_base_is_refused(
+    _prefect_logging, repos, tmp_path, capfd
+):
+    import json
+
+    from fixtures_models import lora_adapter
+
+    adapter = tmp_path / "adapter"
+    lora_adapter(repos.base_model, adapter, seed=3, r=2, target_modules=["c_attn"])
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = ["c_attn", "q_proj"]
+    config_path.write_text(json.dumps(config))
+    _, _, err = _ingest(capfd, repos, tmp_path, adapter)
+    assert f"{config_path}: target_modules names 'q_proj', which is no module of the base" in err
