@@ -1,4 +1,5 @@
-"""CLI verbs for the catalogue: `tvsplit ingest SPEC`, `tvsplit catalogue ls|show|rm`.
+"""CLI verbs for the catalogue: `tvsplit ingest SPEC`, `tvsplit catalogue
+ls|show|rm|verify|upgrade`.
 
 The catalogue location comes from ``--catalogue``, else ``TVSPLIT_CATALOGUE``, else the
 default (`flows.settings`). User errors print their reason and exit with status 1,
@@ -225,3 +226,42 @@ def verify_command(
     if damaged:
         _fail(summary)
     _out.print(summary)
+
+
+@catalogue_app.command("upgrade")
+def upgrade_command(
+    path: Annotated[
+        str | None,
+        typer.Argument(help="Catalogue path or URL (default: --catalogue, $TVSPLIT_CATALOGUE)."),
+    ] = None,
+    catalogue: str | None = CatalogueOption,
+) -> None:
+    """Rewrite a catalogue of an older format in the current one, in place: every array
+    kept, each node replaced only once its new copy is complete (safe to stop and rerun;
+    does nothing to a current catalogue)."""
+    import warnings
+
+    from tvsplit.storage.catalogue import Catalogue
+    from tvsplit.storage.errors import StorageError
+    from tvsplit.storage.integrity import IntegrityWarning
+    from tvsplit.storage.upgrade import upgrade_catalogue
+
+    cat = Catalogue(path or load_settings(catalogue=catalogue).catalogue)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", IntegrityWarning)  # this command is the remedy
+            report = upgrade_catalogue(cat)
+    except StorageError as error:
+        _fail(str(error))
+    for line in report.skipped:
+        _out.print(f"[yellow]left as is:[/] {line}")
+    if not report.changed:
+        _out.print(f"{cat.url}: already catalogue format {report.after}; nothing to do")
+        return
+    _out.print(
+        f"{cat.url}: catalogue format {report.before} → {report.after}: "
+        f"{len(report.entries)} entr{'y' if len(report.entries) == 1 else 'ies'}, "
+        f"{report.run_parameters} decomposition parameter(s), {report.packs} cached basis "
+        "pack(s) rewritten with checksums and manifests; check it with `tvsplit catalogue "
+        "verify`"
+    )

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import zarr
 from tvsplit.storage.errors import CatalogueError
-from tvsplit.storage.integrity import MANIFEST, manifest_of, read_checked
+from tvsplit.storage.integrity import MANIFEST, manifest_of, read_checked, warn_once
 from tvsplit.storage.lowrank import LAYOUT as FACTORS
 from tvsplit.storage.lowrank import LowRankDelta
 from tvsplit.storage.names import check_node_name, param_key, param_name
@@ -44,11 +44,15 @@ from tvsplit.storage.staging import recover, staged_path, swap_in
 from tvsplit.storage.writes import (
     ATTRS,
     COMPLETE,
+    FORMAT_VERSION,
     ITEMSIZE,
+    LEGACY_FORMAT,
     PARTIAL,
     float32_array,
+    format_version,
     is_complete,
     mark_complete,
+    mark_format,
     mark_partial,
     node_attrs,
     write_array,
@@ -120,12 +124,44 @@ class Catalogue:
         if write:
             self._root = zarr.open_group(store=self.url, mode="a", **kwargs)
             self._writable = True
-            return self._root
-        try:
-            self._root = zarr.open_group(store=self.url, mode="r", **kwargs)
-        except (GroupNotFoundError, FileNotFoundError):
-            return None
+            if format_version(self._root) is None and "families" not in self._root:
+                mark_format(self._root)  # a new catalogue is written in the current format
+        else:
+            try:
+                self._root = zarr.open_group(store=self.url, mode="r", **kwargs)
+            except (GroupNotFoundError, FileNotFoundError):
+                return None
+        self._check_format(self._root)
         return self._root
+
+    def format_version(self) -> int | None:
+        """The catalogue's format version (`storage.writes.FORMAT_VERSION`); ``LEGACY_FORMAT``
+        for one written before versions; None when there is no catalogue yet."""
+        root = self._open(write=False)
+        if root is None:
+            return None
+        version = format_version(root)
+        if version is None:
+            return LEGACY_FORMAT if "families" in root else None
+        return version
+
+    def _check_format(self, root: zarr.Group) -> None:
+        """Refuse a catalogue newer than this code; warn once about one older than it."""
+        version = format_version(root)
+        if version is not None and version > FORMAT_VERSION:
+            raise CatalogueError(
+                f"{self.url}: catalogue format {version} was written by a newer tvsplit (this "
+                f"one reads formats {LEGACY_FORMAT}-{FORMAT_VERSION}); upgrade tvsplit "
+                "(`pip install -U tvsplit`)"
+            )
+        if (version or LEGACY_FORMAT) < FORMAT_VERSION and "families" in root:
+            warn_once(
+                root.store,
+                f"{self.url}: catalogue format {version or LEGACY_FORMAT} (before integrity "
+                f"manifests); it is read without checksum checks. Upgrade it in place, keeping "
+                f"every array: `tvsplit catalogue upgrade {self.url}` (then `tvsplit catalogue "
+                "verify`)",
+            )
 
     def _group(self, path: str) -> zarr.Group | None:
         root = self._open(write=False)
@@ -539,6 +575,19 @@ class EntryWriter:
         }
         write_array(self._group, param_key(name), data, meta, shape=stored)
         return math.prod(stored) * ITEMSIZE
+
+    def copy_array(
+        self,
+        name: str,
+        data: np.ndarray | None,
+        attrs: Mapping[str, Any],
+        *,
+        shape: Sequence[int],
+    ) -> None:
+        """Store an array read from another entry with its provenance `attrs` kept as they
+        are (``data=None``: all zeros of `shape`, no chunk written); for
+        ``storage.upgrade``, which rewrites an older format's arrays unchanged."""
+        write_array(self._group, param_key(name), data, attrs, shape=shape)
 
     def finish(self, parameters: Sequence[str], attrs: Mapping[str, Any]) -> None:
         """Mark the entry complete with its manifest (`parameters`, in order) and `attrs`.

@@ -42,6 +42,7 @@ __all__ = [
     "chunk_manifest",
     "has_checksums",
     "read_checked",
+    "warn_once",
 ]
 
 #: Key of the manifest ({chunk key: stored CRC-32C, hex}) in an array's tvsplit attrs (and,
@@ -129,17 +130,23 @@ def check_manifest(array: zarr.Array, manifest: Mapping[str, str], label: str) -
             )
 
 
-def _warn_unchecked(array: zarr.Array, label: str) -> None:
-    root = str(array.store)
+def warn_once(store: object, message: str) -> None:
+    """Warn ``message`` (an IntegrityWarning) unless this process already warned about the
+    store: one warning per store and process, whichever reader saw it first."""
+    root = str(store)
     with _lock:
         if root in _warned:
             return
         _warned.add(root)
-    warnings.warn(
-        f"{label}: written before integrity manifests; arrays of {root} are read unchecked "
-        "(run `tvsplit catalogue verify` to list them, re-ingest or rerun to upgrade)",
-        IntegrityWarning,
-        stacklevel=3,
+    warnings.warn(message, IntegrityWarning, stacklevel=4)
+
+
+def _warn_unchecked(array: zarr.Array, label: str) -> None:
+    warn_once(
+        array.store,
+        f"{label}: written before integrity manifests; arrays of {array.store} are read "
+        "unchecked (`tvsplit catalogue verify` lists them; `tvsplit catalogue upgrade` adds "
+        "checksums and manifests, keeping every array)",
     )
 
 

@@ -8,6 +8,10 @@ point leaves nothing half-written that passes for complete, and a rerun redoes e
 nodes that are not complete. A node whose metadata cannot be read (cut short by a crash)
 counts as partial.
 
+The catalogue's root carries the format version of its layout (``FORMAT_VERSION``, written
+by `mark_format` when a catalogue is created and by ``tvsplit catalogue upgrade``); a
+catalogue without one predates it (`LEGACY_FORMAT`).
+
 All arrays are float32, chunked by whole rows (`row_chunks`), compressed with zstd at
 `ZSTD_LEVEL` and checksummed per chunk (CRC-32C), whoever writes them; a node marked
 complete records the manifest of its chunks (``storage.integrity``), so readers catch a
@@ -31,6 +35,16 @@ COMPLETE = "complete"
 PARTIAL = "partial"
 #: zstd level of every array tvsplit writes (1: fast; level 3 saves <2 % on float32 weights).
 ZSTD_LEVEL = 1
+#: The catalogue layout this code writes, in the root's attrs under ``FORMAT_KEY``.
+#: 1 (`LEGACY_FORMAT`, nothing recorded; tvsplit before the format version): arrays without
+#: per-chunk CRC-32C or chunk manifests, LoRA members stored dense.
+#: 2: every stored array checksummed per chunk (CRC-32C), every complete node recording its
+#: chunk manifest (`storage.integrity`); LoRA members may be stored as factors
+#: (`storage.lowrank`). Readers of 2 read 1 (unchecked, one warning); `storage.upgrade`
+#: rewrites 1 as 2.
+FORMAT_VERSION = 2
+LEGACY_FORMAT = 1
+FORMAT_KEY = "format_version"
 CHUNK_TARGET = 8 << 20
 CHUNK_MAX = 16 << 20
 ITEMSIZE = 4  # float32
@@ -81,6 +95,19 @@ def status(node: zarr.Group | zarr.Array) -> str:
 
 def is_complete(node: zarr.Group | zarr.Array) -> bool:
     return status(node) == COMPLETE
+
+
+def format_version(root: zarr.Group) -> int | None:
+    """The format version recorded in the catalogue root's attrs; None when none is (a new,
+    empty root, or a catalogue written before versions: `LEGACY_FORMAT`)."""
+    value = node_attrs(root).get(FORMAT_KEY)
+    return None if value is None else int(value)
+
+
+def mark_format(root: zarr.Group, version: int = FORMAT_VERSION, **extra: Any) -> None:
+    """Record ``version`` (and ``extra`` attrs, e.g. when it was upgraded) in the root's attrs,
+    keeping the others."""
+    root.attrs[ATTRS] = {**node_attrs(root), **extra, FORMAT_KEY: int(version)}
 
 
 def mark_partial(node: zarr.Group | zarr.Array, attrs: Mapping[str, Any]) -> None:
