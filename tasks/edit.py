@@ -26,6 +26,9 @@ Methods (``w_i`` is member i's ``weight``, default 1):
 - ``general``: θ0 + λ (Σ a_i s_i + Σ b_i u_i), with a_i = ``shared_weight`` and
   b_i = ``unique_weight`` (both default to ``weight``); with ``ties=True`` each group is
   merged by TIES instead of summed.
+- ``tsv_m``, ``iso_c``, ``iso_cts``: the subspace merges of the literature (TSV-M, Iso-C,
+  Iso-CTS), θ0 + λ · merge(w_i τ_i), registered by ``tasks.merges`` (imported at the end of
+  this module, so the registry always holds them).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ __all__ = [
     "apply_edit",
     "available_methods",
     "compute_dtype",
+    "edit_delta",
     "get_method",
     "magnitude_threshold",
     "register",
@@ -459,6 +463,20 @@ def apply_edit(
     here; an invalid value raises EditError naming the parameter, the member and the field).
     ``members`` defaults to weight 1 for every member.
     """
+    delta = edit_delta(method, inputs, params, members)
+    result = inputs.base.to(inputs.dtype) + delta
+    return result.to(inputs.base.dtype)
+
+
+def edit_delta(
+    method: str,
+    inputs: EditInputs,
+    params: BaseModel | Mapping[str, Any] | None = None,
+    members: Sequence[BaseModel | Mapping[str, Any]] | None = None,
+) -> torch.Tensor:
+    """The method's change to the base (``apply_edit`` without the addition), in the compute
+    dtype (``inputs.dtype``), validated as ``apply_edit`` validates. For a method whose delta
+    is λ times an unscaled merge, a caller trying many λ computes the delta once at λ = 1."""
     edit = get_method(method)
     try:
         parsed_params = edit.parse_params(params)
@@ -482,8 +500,7 @@ def apply_edit(
         delta = edit.function(inputs, parsed_params, parsed_members)
     except EditError as error:
         raise EditError(f"{inputs.name!r}, method {method!r}: {error}") from None
-    result = inputs.base.to(inputs.dtype) + delta
-    return result.to(inputs.base.dtype)
+    return delta
 
 
 # --------------------------------------------------------------------------- methods
@@ -595,3 +612,7 @@ def general(
     else:
         delta = _weighted_sum(shared, a) + _weighted_sum(unique, b)
     return params.scale * delta
+
+
+# The subspace merges (TSV-M, Iso-C, Iso-CTS) register themselves into this registry.
+from tvsplit.tasks import merges as _merges  # noqa: E402, F401

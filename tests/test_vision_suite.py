@@ -1,7 +1,8 @@
 """The vision suite at its small preset: real data, a real (small) zoo, every merge method.
 
 One zoo and one benchmark run are built per session (module fixtures); the assertions are
-about what they mean: splits, fine-tuning, merging, the baselines' definitions, the report.
+about what they mean: splits, fine-tuning, merging, the report (the subspace
+merges' definitions are tested in test_merges.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pickle
 
 import pytest
 import torch
-from tvsplit.tasks.suites.vision import baselines, data
+from tvsplit.tasks.suites.vision import data
 from tvsplit.tasks.suites.vision.benchmark import BenchmarkConfig, run_benchmark
 from tvsplit.tasks.suites.vision.merging import edit_state, load_family, split_family
 from tvsplit.tasks.suites.vision.model import load_backbone
@@ -74,57 +75,6 @@ def test_data_pickles_cannot_load_other_classes(tmp_path):
         pickle.dump(print, handle)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         data._read_pickle(path)
-
-
-# --------------------------------------------------------------------------- baselines
-
-
-def _block_task(rows: slice, rank: int, seed: int, n: int = 12) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    delta = torch.zeros(n, n, dtype=torch.float64)
-    u = torch.randn(rows.stop - rows.start, rank, generator=generator, dtype=torch.float64)
-    v = torch.randn(rank, n, generator=generator, dtype=torch.float64)
-    delta[rows] = u @ v
-    return delta
-
-
-def test_tsv_merge_with_orthogonal_task_spaces_is_the_sum():
-    # three rank-4 tasks living in disjoint row blocks and disjoint column blocks of a 12 × 12
-    # matrix: their singular spaces are mutually orthogonal and keep = 12 // 3 = 4 triplets
-    # per task keeps each task whole, so TSV-M must return the plain sum.
-    tasks = []
-    for i in range(3):
-        block = torch.zeros(12, 12, dtype=torch.float64)
-        block[4 * i : 4 * i + 4, 4 * i : 4 * i + 4] = torch.randn(
-            4, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64
-        )
-        tasks.append(block)
-    merged = baselines.tsv_merge(tasks)
-    torch.testing.assert_close(merged, sum(tasks), rtol=1e-10, atol=1e-10)
-
-
-def test_tsv_merge_truncates_and_orthogonalizes():
-    tasks = [_block_task(slice(0, 12), 6, seed) for seed in range(3)]  # overlapping spaces
-    merged = baselines.tsv_merge(tasks)
-    assert torch.linalg.matrix_rank(merged) <= 12  # 3 tasks × 4 triplets
-    # each task alone: its best rank-4 approximation, which the merge keeps along
-    # orthogonalized directions; the result differs from the plain sum
-    assert not torch.allclose(merged, sum(tasks))
-    q = baselines.orthogonalize(torch.randn(12, 5, dtype=torch.float64))
-    torch.testing.assert_close(q.T @ q, torch.eye(5, dtype=torch.float64))
-
-
-def test_iso_c_flattens_the_spectrum_and_iso_cts_reduces_to_it():
-    tasks = [_block_task(slice(0, 12), 3, seed) for seed in range(4)]
-    merged = baselines.iso_c(tasks)
-    total = sum(tasks)
-    s_total = torch.linalg.svdvals(total)
-    s_merged = torch.linalg.svdvals(merged)
-    torch.testing.assert_close(s_merged, torch.full_like(s_merged, float(s_total.mean())))
-    torch.testing.assert_close(baselines.iso_cts(tasks, common_fraction=1.0), merged)
-    ones = [torch.full((5,), float(i)) for i in range(4)]
-    torch.testing.assert_close(baselines.tsv_merge(ones), torch.full((5,), 1.5))
-    torch.testing.assert_close(baselines.iso_cts(ones), torch.full((5,), 1.5))
 
 
 # --------------------------------------------------------------------------- zoo + benchmark

@@ -11,9 +11,9 @@ Entry points::
     write_results(result, "RESULTS.md"); bar_chart(result, "vision.png")
 
 Modules: ``data`` (tasks and splits), ``model`` (ConvNeXt backbone, heads), ``training``,
-``zoo``, ``evaluate`` (accuracy with each task's head), ``baselines`` (TSV-M, Iso-C,
-Iso-CTS), ``merging`` (merged state dicts, splits, shared-part alignment), ``benchmark``,
-``report``.
+``zoo``, ``evaluate`` (accuracy with each task's head), ``merging`` (merged state dicts
+through the edit registry, TSV-M, Iso-C and Iso-CTS included; splits, shared-part alignment),
+``benchmark``, ``report``.
 """
 
 from tvsplit.tasks.suites.vision.benchmark import (

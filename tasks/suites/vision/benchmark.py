@@ -8,7 +8,8 @@ Methods (rows of the table):
 - ``shared_ta[<split>]`` / ``shared_ties[<split>]``: the shared-augmented merges of
   ``tasks.edit`` (shared parts as T extra task vectors with weight γ) for each split
   variant (``one-sided``, ``two-sided``);
-- the subspace baselines ``tsv_m``, ``iso_c``, ``iso_cts`` (``baselines``).
+- the subspace baselines ``tsv_m``, ``iso_c``, ``iso_cts`` (registered edit methods,
+  ``tasks.merges``).
 
 Selection: for each method and seed the coefficients with the best mean validation
 accuracy over tasks win (first in grid order on ties); the test split is read only for

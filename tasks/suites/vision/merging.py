@@ -3,15 +3,15 @@
 A ``Family`` holds the base's tensors and every member's task vector (τ_i = θ_i − θ0) in task
 order; ``split_family`` splits each parameter with ``tasks.decompose.decompose_layer`` (the
 pipeline's ``SplitSettings``), and ``merge`` builds θ0 + edit for one method and one set of
-coefficients, parameter by parameter, with ``tasks.edit.apply_edit`` (or the subspace
-baselines of ``baselines``). Guarantee: ``merge`` computes each merged tensor exactly as a
+coefficients, parameter by parameter, with ``tasks.edit.apply_edit`` (the subspace merges
+TSV-M, Iso-C and Iso-CTS included: they are registered edit methods, ``tasks.merges``). Guarantee: ``merge`` computes each merged tensor exactly as a
 single-parameter call of the edit function would, so a pipeline that writes the same edit
 into a model folder gives the same tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import load_file
 from tvsplit.tasks.decompose import decompose_layer
 from tvsplit.tasks.decompose_job import SplitSettings
-from tvsplit.tasks.edit import EditInputs, apply_edit
-from tvsplit.tasks.suites.vision.baselines import iso_c, iso_cts, tsv_merge
+from tvsplit.tasks.edit import EditInputs, apply_edit, edit_delta
 
 State = dict[str, torch.Tensor]
 
@@ -86,17 +85,19 @@ def edit_state(
     return merged
 
 
-SUBSPACE_METHODS: dict[str, Callable[[Sequence[torch.Tensor]], torch.Tensor]] = {
-    "tsv_m": tsv_merge,
-    "iso_c": iso_c,
-    "iso_cts": iso_cts,
-}
+SUBSPACE_METHODS = ("tsv_m", "iso_c", "iso_cts")  # registered by ``tasks.merges``
 
 
-def subspace_delta(family: Family, method: str) -> State:
-    """The unscaled merged delta of a subspace baseline (``tsv_m``, ``iso_c``, ``iso_cts``)."""
-    function = SUBSPACE_METHODS[method]
-    return {param: function(vectors) for param, vectors in family.vectors.items()}
+def subspace_delta(family: Family, method: str, params: Mapping[str, Any] | None = None) -> State:
+    """The unscaled merged delta (λ = 1) of a registered subspace merge (``tsv_m``,
+    ``iso_c``, ``iso_cts``) with ``params``, per parameter: computed once, then scaled by
+    ``scaled_state`` for every λ of a grid (θ0 + λ · delta is exactly what ``apply_edit``
+    gives for ``{"scale": λ}``, since these methods are λ times their λ = 1 delta)."""
+    settings = {**dict(params or {}), "scale": 1.0}
+    return {
+        param: edit_delta(method, EditInputs(family.base[param], vectors, name=param), settings)
+        for param, vectors in family.vectors.items()
+    }
 
 
 def scaled_state(family: Family, delta: Mapping[str, torch.Tensor], scale: float) -> State:
