@@ -97,6 +97,12 @@ def orthogonalize(basis: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
+def _top_triplets(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    """The top ``count`` singular triplets of ``matrix``: U (m × c), S (c), V (n × c)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :count], s[:count], vh[:count].mT
+
+
 def tsv_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """TSV-M merged delta of one parameter (module docstring), unscaled, compute dtype."""
     stack = _stack(deltas)
@@ -106,12 +112,7 @@ def tsv_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     matrices = stack.reshape(stack.shape[0], shape[0], -1)
     t, m, n = matrices.shape
     keep = max(1, min(m, n) // t)
-    us, ss, vs = [], [], []
-    for a in matrices.unbind(0):
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        us.append(u[:, :keep])
-        ss.append(s[:keep])
-        vs.append(vh[:keep].mT)
+    us, ss, vs = zip(*(_top_triplets(a, keep) for a in matrices.unbind(0)), strict=True)
     u_cat, s_cat, v_cat = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
     merged = orthogonalize(u_cat) @ torch.diag(s_cat) @ orthogonalize(v_cat).mT
     return merged.reshape(shape)
@@ -170,11 +171,10 @@ def iso_cts(
     if per_task > 0:
         common = u[:, :k]
         for a in matrices.unbind(0):
-            residual = a - common @ (common.mT @ a)
-            ut, st, vht = torch.linalg.svd(residual, full_matrices=False)
-            us.append(ut[:, :per_task])
-            vs.append(vht[:per_task].mT)
-            sigmas.append(st[:per_task])
+            ut, st, vt = _top_triplets(a - common @ (common.mT @ a), per_task)
+            us.append(ut)
+            vs.append(vt)
+            sigmas.append(st)
     sigma = torch.cat(sigmas).mean()
     merged = sigma * orthogonalize(torch.cat(us, 1)) @ orthogonalize(torch.cat(vs, 1)).mT
     return merged.reshape(shape)
