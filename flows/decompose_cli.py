@@ -94,11 +94,43 @@ def decompose_command(
         _out.print(f"MLflow run {result.mlflow_run_id}: {ui_hint(app_settings)}")
 
 
+def _list_methods(value: bool) -> None:
+    """`tvsplit edit --methods`: every registered edit method with its parameters (imports
+    the registry, and so torch, only when asked: `--help` stays light)."""
+    if not value:
+        return
+    from tvsplit.tasks.edit import available_methods, get_method
+
+    table = Table("method", "needs split", "params", "member params", "what it does")
+    for name in available_methods():
+        method = get_method(name)
+        table.add_row(
+            name,
+            "yes" if method.needs_split else "no",
+            ", ".join(method.params.model_fields) or "-",
+            ", ".join(method.member_params.model_fields),
+            method.summary,
+        )
+    _out.print(table)
+    raise typer.Exit()
+
+
 @app.command("edit")
 def edit_command(
     recipe: Annotated[
-        str, typer.Argument(help="Edit recipe YAML (base, family, method, members, ...).")
+        str,
+        typer.Argument(
+            help="Edit recipe YAML (base, family, method, members, ...); `--methods` lists "
+            "the methods (task_arithmetic, ties, tsv_m, iso_c, iso_cts, ...)."
+        ),
     ],
+    methods: bool = typer.Option(
+        False,
+        "--methods",
+        is_eager=True,
+        callback=_list_methods,
+        help="List the registered edit methods with their parameters, and exit.",
+    ),
     out: str | None = typer.Option(
         None, "--out", help="Output model folder (default: the recipe's)."
     ),

@@ -304,3 +304,38 @@ def test_default_output_is_under_the_data_folder(pipeline, tmp_path, monkeypatch
     )  # fmt: skip
     assert result.output == tmp_path / "data" / "models" / "tiny-task_arithmetic"
     assert (result.output / "config.json").is_file()
+
+
+def test_cli_edit_writes_a_tsv_m_merge_that_loads(pipeline, tmp_path):
+    """`tvsplit edit` with method tsv_m (a registered subspace merge, no decomposition run):
+    the folder loads with transformers and each family tensor is θ0 + λ · TSV-M(τ_1…τ_3),
+    checked against the independent float64 reference of test_merges.py."""
+    from test_merges import reference_tsv_m
+    from transformers import AutoModelForCausalLM
+    from tvsplit.flows.cli import app
+    from typer.testing import CliRunner
+
+    recipe = _recipe(
+        pipeline, tmp_path, method="tsv_m", params={"scale": 0.6},
+        members=[{"name": m} for m in ("ft1", "ft2", "ft3")],
+    )  # fmt: skip
+    out = tmp_path / "tsv"
+    args = ["edit", recipe, "--out", str(out), "--catalogue", pipeline["url"], "--no-track"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "tsv_m" in (out / "README.md").read_text()
+    written, base = _weights(out), _weights(pipeline["repos"].base)
+    members = [_weights(pipeline[m]) for m in ("ft1", "ft2", "ft3")]
+    matrices = 0
+    for name, tensor in written.items():
+        if name == WPE:  # outside the family: the base's
+            assert torch.equal(tensor, base[name])
+            continue
+        deltas = [(m[name].double() - base[name].double()).numpy() for m in members]
+        expected = base[name].double().numpy() + 0.6 * reference_tsv_m(deltas)
+        torch.testing.assert_close(tensor.double(), torch.from_numpy(expected), atol=2e-5, rtol=0)
+        matrices += tensor.ndim == 2
+    assert matrices >= 4
+    model = AutoModelForCausalLM.from_pretrained(out)
+    logits = model(torch.arange(8)[None]).logits
+    assert logits.shape == (1, 8, 64) and bool(torch.isfinite(logits).all())

@@ -208,3 +208,15 @@ def test_registry_lists_them_with_typed_parameters():
         apply_edit("iso_cts", inputs, {"common_fraction": 1.5})
     with pytest.raises(EditError, match="density"):
         apply_edit("tsv_m", inputs, {"density": 0.5})  # TSV-M has no density
+
+
+def test_tvsplit_edit_lists_them():
+    from tvsplit.flows.cli import app
+    from typer.testing import CliRunner
+
+    listing = CliRunner().invoke(app, ["edit", "--methods"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0, listing.output
+    for name in ("tsv_m", "iso_c", "iso_cts", "common_size", "task_arithmetic", "ties"):
+        assert name in listing.output
+    help_text = CliRunner().invoke(app, ["edit", "--help"], env={"COLUMNS": "200"}).output
+    assert "--methods" in help_text and "tsv_m" in help_text
