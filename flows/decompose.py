@@ -35,7 +35,6 @@ from tvsplit.flows.settings import Settings, load_settings, prefect_run_settings
 from tvsplit.flows.tracking import use_experiment
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import BasisCache, DecompositionRun
-from tvsplit.storage.errors import CatalogueError
 from tvsplit.tasks.decompose_job import (
     SplitSettings,
     decompose_batch_task,
@@ -321,11 +320,3 @@ def run_decompose(
             show_progress=show_progress,
             batches=workers if scheduler is None else None,
         )
-
-
-def read_diagnostics(catalogue: Catalogue, family: str, run: str, name: str) -> dict[str, Any]:
-    """The stored diagnostics of one parameter of a run."""
-    try:
-        return DecompositionRun(catalogue, family, run).read_diagnostics(name)
-    except CatalogueError as error:
-        raise DecomposeError(str(error)) from None

@@ -25,7 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,13 +246,6 @@ class Catalogue:
         """One parameter of one complete entry as a float32 tensor: whole, or rows `rows`
         (a slice or an index along the first dimension). Reads only the chunks needed."""
         return self.open_entry(family, member).read(name, rows=rows)
-
-    def iter_parameters(
-        self, family: str, member: str | None = None
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield `(name, tensor)` for every parameter of an entry, one tensor at a time."""
-        for name in self.parameters(family, member):
-            yield name, self.read(family, name, member=member)
 
     # -- writing ---------------------------------------------------------------------------
     def writer(

@@ -236,25 +236,6 @@ def _own_memory(tensor: torch.Tensor, buffer: torch.Tensor | list) -> torch.Tens
     return tensor
 
 
-def decompose_parameter(
-    catalogue_url: str,
-    family: str,
-    run: str,
-    name: str,
-    members: Sequence[str],
-    fingerprints: dict[str, str],
-    settings: SplitSettings,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Split parameter ``name`` of ``family`` across ``members`` and write it into ``run``.
-
-    Returns the diagnostics plus ``bases_computed`` (how many member bases were not cached)
-    and ``device``. Idempotent: rerunning rewrites the same result.
-    """
-    job = _Job(catalogue_url, family, run, members, fingerprints, settings, device)
-    return job.write(job.split(job.load(name)))
-
-
 READ_AHEAD = 2  # parameters read while one is split: hides a large read behind a small split
 READ_AHEAD_BYTES = 512 << 20  # beyond the next parameter, no more than this read ahead
 WRITES_IN_FLIGHT = 4  # results (small: bases and coefficients) queued for the writer
@@ -279,7 +260,7 @@ def decompose_parameters(
     settings: SplitSettings,
     device: str = "auto",
 ) -> tuple[list[dict[str, Any]], dict[str, Exception]]:
-    """``decompose_parameter`` for each of ``names``, pipelined: while one parameter is
+    """Split each of ``names`` and write it into ``run``, pipelined: while one parameter is
     split, the next ones are read (one reader thread) and the previous results written (one
     writer thread, in order).
 

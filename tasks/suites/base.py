@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ValidationError
+from tvsplit.storage.errors import format_validation_error
 
 if TYPE_CHECKING:  # heavy: only for annotations
     from tvsplit.tasks.decompose_job import SplitSettings
@@ -323,7 +324,8 @@ class Suite(ABC):
         try:
             return cls.settings_model.model_validate({**cls.presets[preset], **changes})
         except ValidationError as error:
-            raise SuiteError(f"suite {cls.name!r}, preset {preset!r}: {error}") from None
+            where = f"suite {cls.name!r}, preset {preset!r}"
+            raise SuiteError(f"{where}: {format_validation_error(error)}") from None
 
     @classmethod
     def from_preset(cls, preset: str, data_root: str | Path, **changes: Any) -> Suite:
