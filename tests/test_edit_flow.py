@@ -309,7 +309,8 @@ def test_default_output_is_under_the_data_folder(pipeline, tmp_path, monkeypatch
 def test_cli_edit_writes_a_tsv_m_merge_that_loads(pipeline, tmp_path):
     """`tvsplit edit` with method tsv_m (a registered subspace merge, no decomposition run):
     the folder loads with transformers and each family tensor is θ0 + λ · TSV-M(τ_1…τ_3),
-    checked against the independent float64 reference of test_merges.py."""
+    checked against the independent float64 reference of test_merges.py (the edit computes
+    in float32: relative error of the delta < 1e-3)."""
     from test_merges import reference_tsv_m
     from transformers import AutoModelForCausalLM
     from tvsplit.flows.cli import app
@@ -332,8 +333,10 @@ def test_cli_edit_writes_a_tsv_m_merge_that_loads(pipeline, tmp_path):
             assert torch.equal(tensor, base[name])
             continue
         deltas = [(m[name].double() - base[name].double()).numpy() for m in members]
-        expected = base[name].double().numpy() + 0.6 * reference_tsv_m(deltas)
-        torch.testing.assert_close(tensor.double(), torch.from_numpy(expected), atol=2e-5, rtol=0)
+        expected = torch.from_numpy(0.6 * reference_tsv_m(deltas))
+        got = tensor.double() - base[name].double()  # computed in float32 by the edit
+        error = float((got - expected).norm() / expected.norm())
+        assert error < 1e-3, (name, error)
         matrices += tensor.ndim == 2
     assert matrices >= 4
     model = AutoModelForCausalLM.from_pretrained(out)
