@@ -168,9 +168,11 @@ def write_edit_adapter_task(
         catalogue, recipe.family, recipe.method, recipe.member_names, recipe.method_params,
         recipe.member_params, recipe.decomposition, recipe.edit_method.needs_split,
     )  # fmt: skip
+    local = Path(recipe.base)
     report = write_edit_adapter(
-        plan, output, rank=rank, base_model_name_or_path=recipe.base, overwrite=overwrite
-    )
+        plan, output, rank=rank, base_model_name_or_path=recipe.base, overwrite=overwrite,
+        base_folder=local if local.is_dir() else None,
+    )  # fmt: skip
     result = EditResult(output=output, sources=lineage(catalogue, plan), adapter=report)
     result.edited = list(report.modules)
     result.files = ("adapter_config.json", "adapter_model.safetensors")

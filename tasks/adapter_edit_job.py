@@ -27,8 +27,7 @@ from tvsplit.tasks.adapter_edit import (
 from tvsplit.tasks.edit import apply_edit
 from tvsplit.tasks.edit_job import EditPlan, edit_inputs
 from tvsplit.tasks.lora_export import write_module_adapter
-
-_EMBEDDING_NAMES = ("embed", "wte", "wpe")
+from tvsplit.tasks.lora_targets import STRUCTURE, lora_targets
 
 
 @dataclass
@@ -61,13 +60,22 @@ def _member(reader: EntryReader, name: str) -> tuple[Member, dict[str, Any]]:
     return (factors if factors is not None else reader.read(name)), attrs
 
 
-def _kind(name: str, shape: tuple[int, ...], kinds: list[str], fan_in_fan_out: bool) -> str:
+def _kind(
+    name: str,
+    shape: tuple[int, ...],
+    kinds: list[str],
+    fan_in_fan_out: bool,
+    structural: dict[str, tuple[str, str]],
+) -> str:
+    """The module's PEFT form: as its LoRA members stored it, else from the base's structure
+    (`tasks.lora_targets`), else from its shape (a kernel is a convolution; a matrix is
+    Conv1D when the members were, else linear)."""
     if kinds:
         return kinds[0]
+    if name in structural:
+        return structural[name][1]
     if len(shape) > 2:
         return "conv"
-    if any(word in name for word in _EMBEDDING_NAMES):
-        return "embedding"
     return "conv1d" if fan_in_fan_out else "linear"
 
 
@@ -78,8 +86,13 @@ def write_edit_adapter(
     rank: int | None = None,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    base_folder: str | Path | None = None,
 ) -> AdapterEditReport:
     """Write the edit `plan` describes as one PEFT LoRA adapter folder at `target`.
+
+    A module's PEFT form comes from its members' stored LoRA layout; for parameters whose
+    members carry none (dense members), from the structure of the base at `base_folder`
+    when it has a transformers config (`tasks.lora_targets`), else from shapes.
 
     Exact (to float32 round-off) unless `rank` truncates a module, whose relative error is
     then reported; AdapterEditError names a parameter the adapter cannot hold."""
@@ -94,6 +107,10 @@ def write_edit_adapter(
     shapes = {name: readers[0].shape(name) for name in names}
     kinds: dict[str, list[str]] = {}
     fan_in_fan_out = False
+    structural: dict[str, tuple[str, str]] = {}
+    if base_folder is not None:
+        planned = lora_targets(base_folder, [(n, shapes[n]) for n in names])
+        structural = planned.targets if planned.rule == STRUCTURE else {}
 
     def read(name: str) -> tuple[list[Member], StoredShared | None]:
         nonlocal fan_in_fan_out
@@ -124,9 +141,14 @@ def write_edit_adapter(
                 raise AdapterEditError(
                     f"{module.name!r} is not a module's weight; a LoRA adapter cannot change it"
                 )
-            kind = _kind(module.name, module.shape, kinds.get(module.name, []), fan_in_fan_out)
-            report.modules[module.name.removesuffix(".weight")] = _row(module, kind)
-            yield module.name.removesuffix(".weight"), kind, module.up, module.down, module.shape
+            kind = _kind(
+                module.name, module.shape, kinds.get(module.name, []), fan_in_fan_out, structural
+            )
+            path = module.name.removesuffix(".weight")
+            if not kinds.get(module.name) and module.name in structural:
+                path = structural[module.name][0]  # the model's own module path
+            report.modules[path] = _row(module, kind)
+            yield path, kind, module.up, module.down, module.shape
 
     write_module_adapter(
         target, modules(), base_model_name_or_path=base_model_name_or_path, overwrite=overwrite

@@ -122,17 +122,21 @@ def families(tmp_path_factory, prefect_harness):
             "base": str(base),
             "members": {m: str(path) for m, path in members.items()},
         }
+    spec["families"]["gpt2-matrices"] = {
+        **spec["families"]["gpt2"],
+        "include": ["*.attn.c_attn.weight", "*.wte.weight"],
+    }
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     url = str(root / "catalogue.zarr")
     ingest(root / "spec.yaml", url, progress=False)
     return {"root": root, "url": url, "gpt2": gpt2, "llama": llama, "bare": bare}
 
 
-def _edit_with_lora(families, tmp_path, family, **fields):
+def _edit_with_lora(families, tmp_path, family, *, as_adapter=False, **fields):
     from tvsplit.flows.edit import edit_model
 
     recipe = {
-        "base": str(families[family]),
+        "base": str(families[family.removesuffix("-matrices")]),
         "family": family,
         "method": "task_arithmetic",
         "members": [{"name": "ft1", "weight": 0.7}, {"name": "ft2", "weight": -0.4}],
@@ -141,8 +145,9 @@ def _edit_with_lora(families, tmp_path, family, **fields):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return edit_model(
-        str(path), output=str(tmp_path / "out"), catalogue_url=families["url"], lora_rank=64,
-        track=False, show_progress=False,
+        str(path), output=str(tmp_path / ("adapter" if as_adapter else "out")),
+        catalogue_url=families["url"], lora_rank=None if as_adapter else 64, track=False,
+        show_progress=False, as_adapter=as_adapter,
     )  # fmt: skip
 
 
@@ -223,3 +228,21 @@ def test_cli_prints_the_rule(families, tmp_path):
     assert outcome.exit_code == 0, outcome.output
     assert "LoRA targets by model structure (LlamaForCausalLM" in outcome.output
     assert "2 linear" in outcome.output
+
+
+def test_as_adapter_of_dense_members_takes_module_forms_from_the_structure(families, tmp_path):
+    """Dense members carry no LoRA layout: the base's structure says wte is an embedding
+    and c_attn a Conv1D (no name is looked at); the adapter merges to the dense edit."""
+    from peft import PeftModel
+
+    dense = load_file(
+        _edit_with_lora(families, tmp_path, "gpt2-matrices").output / "model.safetensors"
+    )
+    result = _edit_with_lora(families, tmp_path, "gpt2-matrices", as_adapter=True)
+    kinds = {module: row["kind"] for module, row in result.adapter.modules.items()}
+    assert kinds["transformer.wte"] == "embedding"
+    assert kinds["transformer.h.0.attn.c_attn"] == kinds["transformer.h.1.attn.c_attn"] == "conv1d"
+    merged = PeftModel.from_pretrained(tiny_gpt2(0), result.output).merge_and_unload().state_dict()
+    for module in kinds:
+        name = f"{module}.weight"
+        assert torch.allclose(merged[name], dense[name], atol=2e-6), name
