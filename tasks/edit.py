@@ -436,13 +436,24 @@ def register(
     return decorator
 
 
+def _load_plugins() -> None:
+    """Import the modules other installed packages name in the ``tvsplit.edit_methods``
+    entry point group (once per process): importing one calls ``register``."""
+    from tvsplit.plugins import load_entry_points
+
+    load_entry_points("tvsplit.edit_methods")
+
+
 def available_methods() -> tuple[str, ...]:
-    """Names of the registered edit methods, sorted."""
+    """Names of the registered edit methods (built-in and plugins), sorted."""
+    _load_plugins()
     return tuple(sorted(_REGISTRY))
 
 
 def get_method(name: str) -> EditMethod:
     """The registered method ``name``; EditError lists the known names otherwise."""
+    if name not in _REGISTRY:
+        _load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:

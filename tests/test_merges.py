@@ -220,3 +220,38 @@ def test_tvsplit_edit_lists_them():
         assert name in listing.output
     help_text = CliRunner().invoke(app, ["edit", "--help"], env={"COLUMNS": "200"}).output
     assert "--methods" in help_text and "tsv_m" in help_text
+
+
+def test_an_installed_package_registers_an_edit_method(tmp_path, monkeypatch):
+    """The ``tvsplit.edit_methods`` entry point group: a module that calls ``register``."""
+    import textwrap
+
+    from tvsplit.plugins import forget_loaded
+
+    (tmp_path / "halving_plugin.py").write_text(
+        textwrap.dedent(
+            """
+            from tvsplit.tasks.edit import register
+
+            @register("halved_sum")
+            def halved_sum(inputs, params, members):
+                '''θ0 + ½ Σ w_i τ_i.'''
+                return 0.5 * sum(m.weight * inputs.vector(i) for i, m in enumerate(members))
+            """
+        )
+    )
+    dist = tmp_path / "halving_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: halving-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[tvsplit.edit_methods]\nhalved = halving_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forget_loaded("tvsplit.edit_methods")
+    try:
+        assert "halved_sum" in available_methods()
+        inputs = EditInputs(torch.zeros(2), (torch.ones(2), torch.full((2,), 3.0)))
+        torch.testing.assert_close(apply_edit("halved_sum", inputs), torch.full((2,), 2.0))
+    finally:
+        from tvsplit.tasks import edit
+
+        edit._REGISTRY.pop("halved_sum", None)
+        forget_loaded("tvsplit.edit_methods")
