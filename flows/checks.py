@@ -238,6 +238,12 @@ def check_scheduler(address: str | None) -> None:
         ) from None
 
 
+def check_workers(workers: int) -> None:
+    """A local cluster needs at least one worker (``--workers 0`` would wait forever)."""
+    if workers < 1:
+        raise InputError(f"--workers: must be at least 1, not {workers}")
+
+
 def check_decompose(
     family: str,
     *,
@@ -248,8 +254,7 @@ def check_decompose(
     catalogue_url: str | None,
 ) -> SplitSettings:
     """The whole decomposition checked (see the module); returns its settings."""
-    if workers < 1:
-        raise InputError(f"--workers: must be at least 1, not {workers}")
+    check_workers(workers)
     settings = split_settings(split)
     from tvsplit.storage.catalogue import Catalogue
     from tvsplit.storage.names import check_node_name

@@ -29,7 +29,13 @@ import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
-from tvsplit.flows.checks import DecomposeError, plan
+from tvsplit.flows.checks import (
+    DecomposeError,
+    check_scheduler,
+    check_settings_for_family,
+    check_workers,
+    plan,
+)
 from tvsplit.flows.console import progress_bars
 from tvsplit.flows.settings import Settings, load_settings, prefect_run_settings
 from tvsplit.flows.tracking import use_experiment
@@ -308,7 +314,11 @@ def run_decompose(
     show_progress: bool = True,
 ) -> DecomposeResult:
     """Start (or join) the cluster and run the decomposition flow on it."""
-    plan(Catalogue(load_settings(catalogue=catalogue_url).catalogue), family, members)  # fail fast
+    # Fail fast, before any engine or cluster starts (InputError names the setting).
+    chosen, _ = plan(Catalogue(load_settings(catalogue=catalogue_url).catalogue), family, members)
+    check_settings_for_family(settings or SplitSettings(), len(chosen))
+    check_workers(workers)
+    check_scheduler(scheduler)
     with prefect_run_settings(), dask_cluster(scheduler, workers, gpu) as runner:
         return decompose_family.with_options(task_runner=runner)(
             family,

@@ -579,3 +579,20 @@ def test_lora_config_naming_modules_absent_from_the_base_is_refused(
     config_path.write_text(json.dumps(config))
     _, _, err = _ingest(capfd, repos, tmp_path, adapter)
     assert f"{config_path}: target_modules names 'q_proj', which is no module of the base" in err
+
+
+def test_run_decompose_checks_before_any_engine(catalogue):
+    from tvsplit.flows.checks import InputError
+    from tvsplit.flows.decompose import run_decompose
+    from tvsplit.tasks.split_settings import SplitSettings
+
+    before = _listing(Path(catalogue.url))
+    calls = {
+        "--workers: must be at least 1": {"workers": 0},
+        "--min-tasks: min_tasks must be between 1 and 2": {"settings": SplitSettings(min_tasks=4)},
+        "--scheduler: nothing answers": {"scheduler": f"tcp://127.0.0.1:{_free_port()}"},
+    }
+    for message, kwargs in calls.items():
+        with pytest.raises(InputError, match=message):
+            run_decompose("tiny", catalogue_url=catalogue.url, track=False, **kwargs)
+    assert _listing(Path(catalogue.url)) == before
