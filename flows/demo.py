@@ -1,4 +1,5 @@
-"""`tvsplit demo`: split a synthetic family with planted structure and show what was found.
+"""`tvsplit demo`: split a synthetic family with planted structure and show what was found
+(the families and splits are computed by `tasks.demo_block`; this module prints them).
 
 Each parameter of a small transformer-like block gets a family of task vectors that share
 planted directions and each own more, plus noise; the split should find exactly the planted
@@ -8,33 +9,14 @@ shared directions, at a small angle, with almost none of the members' own signal
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-import torch
 from rich.console import Console
 from rich.table import Table
-from tvsplit.tasks.decompose import LayerSplit, decompose_layer
-from tvsplit.tasks.synthetic import Recovery, planted_family, recovery
+from tvsplit.tasks.decompose import LayerSplit
+from tvsplit.tasks.demo_block import DemoParameter, DemoRow, demo_block, split_planted_block
+from tvsplit.tasks.synthetic import Recovery
 
-
-@dataclass(frozen=True)
-class DemoParameter:
-    name: str
-    shape: tuple[int, ...]
-    shared_rank: int
-    unique_rank: int
-
-
-def demo_block(size: int) -> list[DemoParameter]:
-    """A block of `size` width: attention, MLP (wide and tall), a convolution and 1-D params."""
-    return [
-        DemoParameter("attn.q_proj.weight", (size, size), 8, 16),
-        DemoParameter("attn.o_proj.weight", (size, size), 4, 8),
-        DemoParameter("mlp.up_proj.weight", (4 * size, size), 8, 16),
-        DemoParameter("mlp.down_proj.weight", (size, 4 * size), 8, 16),
-        DemoParameter("patch_embed.weight", (size // 4, 3, 4, 4), 2, 3),
-        DemoParameter("norm.weight", (size,), 0, 0),
-    ]
+__all__ = ["DemoParameter", "DemoRow", "demo_block", "run_demo"]
 
 
 def _shared_energy_cell(split: LayerSplit) -> str:
@@ -46,13 +28,6 @@ def _recovery_cells(found: Recovery | None) -> tuple[str, str]:
         return "—", "—"
     angle = f"{found.max_angle_deg:.2f}°" if found.found else "none found"
     return angle, f"{100 * found.leak:.2f}%"
-
-
-@dataclass(frozen=True)
-class DemoRow:
-    param: DemoParameter
-    split: LayerSplit
-    found: Recovery | None
 
 
 def run_demo(size: int = 256, members: int = 8, noise: float = 0.1, seed: int = 0) -> list[DemoRow]:
@@ -70,26 +45,9 @@ def run_demo(size: int = 256, members: int = 8, noise: float = 0.1, seed: int = 
     table.add_column("shared energy per member (%)", justify="left")
     splits: list[DemoRow] = []
     started = time.perf_counter()
-    for index, param in enumerate(demo_block(size)):
-        if len(param.shape) == 1:
-            g = torch.Generator().manual_seed(seed + index)
-            deltas = torch.randn(members, *param.shape, generator=g) * 0.01
-            split, found = decompose_layer(deltas, name=param.name), None
-        else:
-            rows, cols = param.shape[0], int(torch.tensor(param.shape[1:]).prod())
-            family = planted_family(
-                rows,
-                cols,
-                members,
-                shared_rank=param.shared_rank,
-                unique_rank=param.unique_rank,
-                noise=noise,
-                seed=seed + index,
-            )
-            deltas = family.deltas.reshape(members, *param.shape)
-            split = decompose_layer(deltas, name=param.name)
-            found = recovery(split.basis, family)
-        splits.append(DemoRow(param, split, found))
+    for row in split_planted_block(size, members, noise, seed):
+        param, split, found = row.param, row.split, row.found
+        splits.append(row)
         angle, leak = _recovery_cells(found)
         ranks = (
             f"{min(split.ranks)}–{max(split.ranks)}"
