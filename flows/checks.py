@@ -145,16 +145,22 @@ def check_recipe_members(catalogue: Catalogue, recipe: Recipe, *, source: str) -
 def check_base(
     catalogue: Catalogue, recipe: Recipe, *, allow_other_base: bool, source: str
 ) -> None:
-    """The recipe's ``base`` is the family's base (`storage.base_identity`), unless
-    ``allow_other_base``."""
+    """The recipe's ``base`` opens as a full model and is the family's base
+    (`storage.base_identity`), unless ``allow_other_base``."""
     from tvsplit.storage.base_identity import base_mismatch
     from tvsplit.storage.errors import StorageError
+    from tvsplit.storage.sources import open_source
 
-    if allow_other_base:
-        return
-    info = catalogue.entry(recipe.family)
     try:
-        problem = base_mismatch(recipe.base, info.attrs if info is not None else {})
+        opened = open_source(recipe.base)
+        if opened.checkpoint is None:
+            raise InputError(
+                f"{source}: base: {recipe.base!r} is not a full model (a {opened.kind})"
+            )
+        if allow_other_base:
+            return
+        info = catalogue.entry(recipe.family)
+        problem = base_mismatch(opened, info.attrs if info is not None else {})
     except StorageError as error:
         raise InputError(f"{source}: base: {error}") from None
     if problem:

@@ -6,7 +6,7 @@ modification time beside its sha256 (`identity_record`). ``base_mismatch`` compa
 source with that record: by hub commit when both have one, else by the files' sha256; a
 file whose real path, size and modification time match the record is not read again.
 
-Imports no torch at module level (opening a source does).
+Imports no torch.
 """
 
 from __future__ import annotations
@@ -51,18 +51,14 @@ def _recorded_sha(name: str, path: str, record: Mapping[str, Any]) -> str | None
     return str(entry["sha256"]) if same and entry.get("sha256") else None
 
 
-def base_mismatch(source: str, base_attrs: Mapping[str, Any]) -> str | None:
-    """Why ``source`` is not the base recorded in ``base_attrs`` (a base entry's attrs), or
-    None when it is, or when the entry records no identity (made before it was recorded).
-
-    Opens ``source`` (SourceError when it cannot be used)."""
-    from tvsplit.storage.sources import open_source
-
+def base_mismatch(opened: Any, base_attrs: Mapping[str, Any]) -> str | None:
+    """Why the opened source ``opened`` (`storage.sources.OpenedSource`) is not the base
+    recorded in ``base_attrs`` (a base entry's attrs), or None when it is, or when the entry
+    records no identity."""
     fingerprint = base_attrs.get("fingerprint") or {}
     files = fingerprint.get("files") or {}
     if not files and not fingerprint.get("commit"):
         return None
-    opened = open_source(source)
     if opened.commit and fingerprint.get("commit") == opened.commit:
         return None
     record = base_attrs.get(IDENTITY) or {}

@@ -596,3 +596,22 @@ def test_run_decompose_checks_before_any_engine(catalogue):
         with pytest.raises(InputError, match=message):
             run_decompose("tiny", catalogue_url=catalogue.url, track=False, **kwargs)
     assert _listing(Path(catalogue.url)) == before
+
+
+def test_base_that_is_no_full_model_is_refused(catalogue, tmp_path, capfd):
+    from fixtures_models import lora_adapter
+
+    adapter = tmp_path / "adapter"
+    lora_adapter(catalogue.repos.base_model, adapter, seed=4, r=2, target_modules=["c_attn"])
+    broken = tmp_path / "broken.safetensors"
+    broken.write_text("not safetensors")
+    cases = {
+        str(adapter): f"base: {str(adapter)!r} is not a full model (a lora)",
+        str(broken): f"base: {broken}: not a readable safetensors file",
+    }
+    for base, fragment in cases.items():
+        recipe = _recipe(tmp_path, catalogue, base=base)
+        for flags in ((), ("--allow-other-base",)):
+            code, _, err = _edit(capfd, catalogue, recipe, tmp_path / "out", *flags)
+            assert_one_error(code, err, str(recipe), fragment)
+    assert not (tmp_path / "out").exists()
