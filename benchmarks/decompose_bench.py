@@ -4,8 +4,9 @@ Table 1: one layer, m × n in {768², 1024 × 4096, 4096²}, T in {2, 8, 20}: me
 randomized sketch and by full SVD, then the split by each method; every time divided by one
 full SVD of one member's matrix (the yardstick), and the peak RSS above the inputs.
 Table 2: a ViT-B/32-shaped block at T = 8 (4 × 768², 3072 × 768, 768 × 3072, 1-D params),
-tvsplit against a TSV-M merge written the way FusionBench runs it (a full SVD per member plus
-two orthogonalizing SVDs per matrix), on the same planted tensors, with the recovery tvsplit
+tvsplit against the registered TSV-M merge (`tasks.merges.tsv_merge`, computed the way
+FusionBench runs it: a full SVD per member plus two orthogonalizing SVDs per matrix), on the
+same planted tensors, with the recovery tvsplit
 reached. ../shared/PERFORMANCE.md lists the peers' own times on this kind of machine.
 
     .venv/bin/python benchmarks/decompose_bench.py            # full run (~10 min on 2 cores)
@@ -29,6 +30,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tvsplit.tasks.decompose import decompose_layer, member_basis, split_from_bases
+from tvsplit.tasks.merges import tsv_merge
 from tvsplit.tasks.synthetic import planted_family, recovery
 
 METHODS = ("mean-projector", "projector-product", "pairwise")
@@ -133,23 +135,6 @@ def one_layer_table(sizes, member_counts, full_members_cap: dict, console: Conso
     )
 
 
-def tsv_merge_reference(deltas: torch.Tensor) -> torch.Tensor:
-    """TSV-M for one matrix as FusionBench computes it: a full SVD per member, keep the top
-    1/T of each spectrum, orthogonalize the stacked U and V with two more SVDs."""
-    members, m, n = deltas.shape
-    keep = max(1, min(m, n) // members)
-    us, ss, vs = [], [], []
-    for delta in deltas:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        us.append(u[:, :keep])
-        ss.append(s[:keep])
-        vs.append(vh[:keep].T)
-    u_all, s_all, v_all = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
-    pu, _, qu = torch.linalg.svd(u_all, full_matrices=False)
-    pv, _, qv = torch.linalg.svd(v_all, full_matrices=False)
-    return (pu @ qu) @ torch.diag(s_all) @ (pv @ qv).T
-
-
 def vit_block(width: int) -> list[tuple[str, tuple[int, ...]]]:
     return [
         ("attn.q.weight", (width, width)),
@@ -182,7 +167,7 @@ def block_table(width: int, members: int, console: Console, repeat: int) -> None
         return [decompose_layer(deltas, name=name) for name, deltas, _ in params]
 
     def run_tsv():
-        return [tsv_merge_reference(d) if d.ndim == 3 else d.mean(0) for _, d, _ in params]
+        return [tsv_merge(list(deltas)) for _, deltas, _ in params]  # the registered TSV-M
 
     tvsplit_time, splits = timed(run_tvsplit, repeat=repeat)
     tsv_time, _ = timed(run_tsv, repeat=1)
