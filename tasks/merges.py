@@ -86,8 +86,14 @@ def _stack(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([d.to(compute) for d in deltas])
 
 
-def _is_matrix(shape: torch.Size) -> bool:
-    return len(shape) >= 2 and shape[0] > 1 and shape[1:].numel() > 1
+def _as_matrices(deltas: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The task vectors stacked (T, *shape), and viewed as (T, out, rest) when a parameter
+    is a matrix (≥ 2-D, more than one row and column), else None (it is averaged)."""
+    stack = _stack(deltas)
+    shape = stack.shape[1:]
+    if not (len(shape) >= 2 and shape[0] > 1 and shape[1:].numel() > 1):
+        return stack, None
+    return stack, stack.reshape(stack.shape[0], shape[0], -1)
 
 
 def orthogonalize(basis: torch.Tensor) -> torch.Tensor:
@@ -105,11 +111,10 @@ def _top_triplets(matrix: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
 
 def tsv_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """TSV-M merged delta of one parameter (module docstring), unscaled, compute dtype."""
-    stack = _stack(deltas)
-    shape = stack.shape[1:]
-    if not _is_matrix(shape):
+    stack, matrices = _as_matrices(deltas)
+    if matrices is None:
         return stack.mean(0)
-    matrices = stack.reshape(stack.shape[0], shape[0], -1)
+    shape = stack.shape[1:]
     t, m, n = matrices.shape
     keep = max(1, min(m, n) // t)
     us, ss, vs = zip(*(_top_triplets(a, keep) for a in matrices.unbind(0)), strict=True)
@@ -120,11 +125,11 @@ def tsv_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def iso_c(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """Iso-C merged delta of one parameter: mean singular value · U Vᵀ of Σ Δ_i."""
-    stack = _stack(deltas)
-    shape = stack.shape[1:]
-    if not _is_matrix(shape):
+    stack, matrices = _as_matrices(deltas)
+    if matrices is None:
         return stack.mean(0)
-    total = stack.sum(0).reshape(shape[0], -1)
+    shape = stack.shape[1:]
+    total = matrices.sum(0)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     return (s.mean() * (u @ vh)).reshape(shape)
 
@@ -157,11 +162,10 @@ def iso_cts(
     common_size: Literal["published", "floor"] = "published",
 ) -> torch.Tensor:
     """Iso-CTS merged delta of one parameter (module docstring), unscaled, compute dtype."""
-    stack = _stack(deltas)
-    shape = stack.shape[1:]
-    if not _is_matrix(shape):
+    stack, matrices = _as_matrices(deltas)
+    if matrices is None:
         return stack.mean(0)
-    matrices = stack.reshape(stack.shape[0], shape[0], -1)
+    shape = stack.shape[1:]
     t, m, n = matrices.shape
     u, s, vh = torch.linalg.svd(matrices.sum(0), full_matrices=False)
     k, per_task = common_subspace_size(min(m, n), t, common_fraction, common_size)
