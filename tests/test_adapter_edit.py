@@ -127,13 +127,15 @@ def test_truncation_reports_its_error_and_ties_goes_dense(repos, family, tmp_pat
     measured = (merged[f"{name}.weight"] - dense[f"{name}.weight"]).norm() / change.norm()
     assert float(measured) == pytest.approx(row["relative_error"], rel=1e-3)
 
-    ties = _plan(family, "ties", {"density": 0.5}, [{"name": m} for m in MEMBERS])
-    report = write_edit_adapter(ties, tmp_path / "ties")
-    assert set(report.routes()) == {"dense"}
-    merged, dense = _merged(repos, tmp_path / "ties"), _dense(repos, ties)
-    for name, want in dense.items():
-        change = want - base[name]
-        assert (merged[name] - want).norm() <= 1e-5 * max(change.norm(), 1e-12), name
+    for method, params in (("ties", {"density": 0.5}), ("tsv_m", {})):
+        dense_plan = _plan(family, method, params, [{"name": m} for m in MEMBERS])
+        report = write_edit_adapter(dense_plan, tmp_path / method)
+        assert set(report.routes()) == {"dense"}, method  # expanded one module at a time
+        merged, dense = _merged(repos, tmp_path / method), _dense(repos, dense_plan)
+        assert dense
+        for name, want in dense.items():
+            change = want - base[name]
+            assert (merged[name] - want).norm() <= 1e-5 * max(change.norm(), 1e-12), name
 
 
 def test_cli_edit_as_adapter(prefect_harness, repos, family, tmp_path) -> None:
