@@ -26,7 +26,7 @@ from tvsplit.storage.model_folder import (
 )
 from tvsplit.storage.sources import open_source
 from tvsplit.tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
-from tvsplit.tasks.lora_export import write_lora_adapter
+from tvsplit.tasks.lora_export import LoraExport
 from tvsplit.tasks.lora_targets import LoraTargetError, LoraTargets, lora_targets
 
 
@@ -115,7 +115,7 @@ def write_edited_model(
     if lora_rank:
         result.lora_targets = _lora_plan(recipe, base, plan.family_parameters)
     card = model_card(recipe, result.sources, catalogue_url, result.lora_targets)
-    lora_deltas: list[tuple[str, Any]] = []
+    export = LoraExport(lora_rank) if lora_rank else None
     adapter = lora_folder(output)
     replacement = FolderReplacement(overwrite=overwrite)
     with (
@@ -132,21 +132,19 @@ def write_edited_model(
             writer.add(name, tensor)
             if how == "edited":
                 result.edited.append(name)
-                if name in targets:
-                    delta = tensor.float() - base.checkpoint[name].float()
-                    lora_deltas.append((targets[name][0], delta))
+                if export is not None and name in targets:
+                    module, kind = targets[name]
+                    export.add_edit(module, tensor, base.checkpoint[name], kind)
                 elif result.lora_targets is not None:
                     result.lora_skipped[name] = result.lora_targets.skipped.get(name, "")
             else:
                 result.copied[name] = how
             progress.advance(job)
         writer.close()
-        if lora_rank and lora_deltas:
-            kinds = dict(targets.values())
-            report = write_lora_adapter(
-                adapter, iter(lora_deltas), rank=lora_rank, kinds=kinds,
-                base_model_name_or_path=recipe.base, replacement=replacement,
-            )  # fmt: skip
+        if export is not None and export.ranks:
+            report = export.write(
+                adapter, base_model_name_or_path=recipe.base, replacement=replacement
+            )
             result.lora, result.lora_max_error = adapter, report.max_relative_error
         elif adapter.exists():
             replacement.remove(adapter)

@@ -30,6 +30,7 @@ from tvsplit.tasks.task_vector import all_finite
 
 __all__ = [
     "MODULE_KINDS",
+    "LoraExport",
     "LoraExportError",
     "LoraExportReport",
     "LoraPair",
@@ -145,37 +146,83 @@ def write_lora_adapter(
     ``target`` only when complete; with ``replacement`` it is staged there and appears when
     the caller commits it (together with the model it belongs to).
     """
-    default = "conv1d" if fan_in_fan_out else "linear"
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    errors: dict[str, float] = {}
-    used: set[str] = set()
+    export = LoraExport(rank, fan_in_fan_out=fan_in_fan_out, kinds=kinds, dtype=dtype)
     for module, delta in deltas:
-        if module in ranks:
+        export.add(module, delta)
+    return export.write(
+        target, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite,
+        replacement=replacement,
+    )  # fmt: skip
+
+
+class LoraExport:
+    """A LoRA adapter collected one module at a time while an edit streams: each ΔW is
+    factored when it is added and only its factors are kept (memory: the factors, not the
+    deltas). ``write`` saves the folder; ``write_lora_adapter`` documents the layout."""
+
+    def __init__(
+        self,
+        rank: int,
+        *,
+        fan_in_fan_out: bool = False,
+        kinds: Mapping[str, str] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.rank = rank
+        self._default = "conv1d" if fan_in_fan_out else "linear"
+        self._fan_in_fan_out = fan_in_fan_out
+        self._kinds = dict(kinds or {})
+        self._dtype = dtype
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.ranks: dict[str, int] = {}
+        self.errors: dict[str, float] = {}
+        self._used: set[str] = set()
+
+    def add(self, module: str, delta: torch.Tensor, kind: str | None = None) -> None:
+        """Factor one module's ΔW (as stored) at the rank; ``kind`` overrides ``kinds``."""
+        if module in self.ranks:
             raise LoraExportError(f"{module}: ΔW given twice")
-        kind = (kinds or {}).get(module, default)
+        kind = kind or self._kinds.get(module, self._default)
         shape = tuple(delta.shape)
         if kind == "conv" and delta.ndim < 3:
             raise LoraExportError(f"{module}: a convolution's ΔW has 3-5 dimensions, got {shape}")
         matrix = delta.reshape(shape[0], -1) if kind == "conv" else delta
-        pair = lora_from_delta(matrix, rank, module=module, dtype=dtype)  # ΔW ≈ B @ A
+        pair = lora_from_delta(matrix, self.rank, module=module, dtype=self._dtype)  # ≈ B @ A
         for key, tensor in peft_factors(module, kind, pair.lora_B, pair.lora_A, shape).items():
-            tensors[f"base_model.model.{module}.{key}"] = tensor
-        ranks[module] = pair.rank
-        errors[module] = pair.relative_error
-        used.add(kind)
-    if not ranks:
-        raise LoraExportError(f"{target}: no modules to export")
-    if {"linear", "conv1d"} <= used:
-        raise LoraExportError(_MIXED.format(target=target))
-    _save_adapter(
-        target, tensors, ranks, rank, fan_in_fan_out="conv1d" in used or fan_in_fan_out,
-        base_model_name_or_path=base_model_name_or_path, overwrite=overwrite,
-        replacement=replacement,
-    )  # fmt: skip
-    return LoraExportReport(
-        path=Path(target).absolute(), rank=rank, ranks=ranks, relative_errors=errors
-    )
+            self._tensors[f"base_model.model.{module}.{key}"] = tensor
+        self.ranks[module] = pair.rank
+        self.errors[module] = pair.relative_error
+        self._used.add(kind)
+
+    def add_edit(
+        self, module: str, edited: torch.Tensor, base: torch.Tensor, kind: str | None = None
+    ) -> None:
+        """``add`` the change an edit made to a module's weight: ΔW = edited − base (float32)."""
+        self.add(module, edited.float() - base.float(), kind)
+
+    def write(
+        self,
+        target: str | Path,
+        *,
+        base_model_name_or_path: str | None = None,
+        overwrite: bool = False,
+        replacement: FolderReplacement | None = None,
+    ) -> LoraExportReport:
+        """Save the adapter folder (complete or not at all; staged in ``replacement``)."""
+        if not self.ranks:
+            raise LoraExportError(f"{target}: no modules to export")
+        if {"linear", "conv1d"} <= self._used:
+            raise LoraExportError(_MIXED.format(target=target))
+        _save_adapter(
+            target, self._tensors, self.ranks, self.rank,
+            fan_in_fan_out="conv1d" in self._used or self._fan_in_fan_out,
+            base_model_name_or_path=base_model_name_or_path, overwrite=overwrite,
+            replacement=replacement,
+        )  # fmt: skip
+        return LoraExportReport(
+            path=Path(target).absolute(), rank=self.rank, ranks=dict(self.ranks),
+            relative_errors=dict(self.errors),
+        )  # fmt: skip
 
 
 _MIXED = (
