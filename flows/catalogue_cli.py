@@ -1,5 +1,5 @@
 """CLI verbs for the catalogue: `tvsplit ingest SPEC`, `tvsplit catalogue
-ls|show|rm|verify|upgrade`.
+ls|show|rm|verify|upgrade|gc`.
 
 The catalogue location comes from ``--catalogue``, else ``TVSPLIT_CATALOGUE``, else the
 default (`flows.settings`). User errors print their reason and exit with status 1,
@@ -264,4 +264,92 @@ def upgrade_command(
         f"{report.run_parameters} decomposition parameter(s), {report.packs} cached basis "
         "pack(s) rewritten with checksums and manifests; check it with `tvsplit catalogue "
         "verify`"
+    )
+
+
+def referenced_runs(settings) -> set[str]:
+    """Decomposition runs something still names: the model cards (``README.md``) of the
+    edited models under the models folder, and the ``decomposition`` parameter of every
+    MLflow run in the tracking store."""
+    import re
+
+    names: set[str] = set()
+    models = Path(settings.models)
+    if models.is_dir():
+        for card in [*models.glob("*/README.md"), *models.glob("*/*/README.md")]:
+            text = card.read_text(encoding="utf-8", errors="replace")
+            names |= set(re.findall(r"decomposition run `([^`]+)`", text))
+            names |= set(re.findall(r"^\s*decomposition:\s*(\S+)\s*$", text, re.MULTILINE))
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from tvsplit.flows.tracking import tracking_uri
+
+    uri = tracking_uri(settings)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return names  # no tracking store yet: nothing names a run there
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if experiments:
+        for run in client.search_runs(experiments, filter_string="params.decomposition != ''"):
+            names.add(run.data.params.get("decomposition", ""))
+    return names - {""}
+
+
+@catalogue_app.command("gc")
+def gc_command(
+    catalogue: str | None = CatalogueOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would go; change nothing."),
+    superseded: bool = typer.Option(
+        False,
+        "--superseded",
+        help="Also remove complete decomposition runs older than the newest with the same "
+        "settings, unless an edited model's card or an MLflow run names them.",
+    ),
+    grace: float = typer.Option(
+        24.0,
+        "--grace",
+        min=0.0,
+        help="Hours a partial entry, run or staged replacement must be idle before it goes "
+        "(a running job writes within that time).",
+    ),
+) -> None:
+    """Remove what no complete entry or decomposition refers to: superseded basis caches,
+    decompositions of removed members, leftovers of killed runs (idle beyond --grace), stale
+    leases; with --superseded, older runs of the same settings. Prints what goes, with bytes."""
+    from tvsplit.storage.catalogue import Catalogue
+    from tvsplit.storage.errors import StorageError
+    from tvsplit.storage.gc import KEEP, REMOVE, collect, remove
+    from tvsplit.tasks.decompose_job import member_fingerprint
+
+    settings = load_settings(catalogue=catalogue)
+    cat = Catalogue(settings.catalogue)
+    try:
+        named = referenced_runs(settings) if superseded else set()
+        findings = collect(
+            cat,
+            fingerprint=member_fingerprint,
+            grace_hours=grace,
+            superseded=superseded,
+            referenced=named,
+        )
+        freed = 0 if dry_run else remove(cat, findings)
+    except StorageError as error:
+        _fail(str(error))
+    gone = [f for f in findings if f.action == REMOVE]
+    verb = "would remove" if dry_run else "removed"
+    table = Table("family", "kind", "path", "MB", "action", "reason")
+    table.columns[2].overflow = "fold"
+    table.columns[-1].overflow = "fold"
+    for f in findings:
+        action = verb if f.action == REMOVE else f"[green]{KEEP}[/]"
+        path = f.path.removeprefix(f"families/{f.family}/")
+        table.add_row(f.family, f.kind, path, f"{f.nbytes / 1e6:.2f}", action, f.reason)
+    if findings:
+        _out.print(table)
+    total = sum(f.nbytes for f in gone) if dry_run else freed
+    _out.print(
+        f"{cat.url}: {len(gone)} node(s) {verb}, {total / 1e6:.2f} MB "
+        f"{'would be ' if dry_run else ''}freed",
+        highlight=False,
     )

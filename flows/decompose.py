@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from tvsplit.flows.settings import Settings, load_settings, prefect_run_settings
 from tvsplit.flows.tracking import use_experiment
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import BasisCache, DecompositionRun
+from tvsplit.storage.lease import Holder, Lease, LeaseBusyError, run_lease
 from tvsplit.tasks.decompose_job import (
     SplitSettings,
     decompose_batch_task,
@@ -86,10 +87,12 @@ def decompose_family(
     track: bool = True,
     show_progress: bool = True,
     batches: int | None = None,
+    wait: bool = True,
 ) -> DecomposeResult:
     """Split every parameter of ``family`` and write run ``decompositions/<run>``, as
     ``batches`` Dask jobs of similar size (default 8; `run_decompose`: one per local
-    worker)."""
+    worker). The run is claimed first (`claim_run`): while another process splits it, this
+    one waits for it (or, without ``wait``, stops with DecomposeError naming it)."""
     logger = get_run_logger()
     app_settings = load_settings(catalogue=catalogue_url)
     settings = settings or SplitSettings()
@@ -97,6 +100,53 @@ def decompose_family(
     chosen, parameters = plan(catalogue, family, members)
     fingerprints = {m: member_fingerprint(catalogue, family, m) for m in chosen}
     run = run_id(family, chosen, settings, fingerprints)
+    lease = claim_run(catalogue, family, run, wait=wait, say=logger.warning)
+    try:
+        return _split_run(
+            logger, app_settings, catalogue, family, run, chosen, parameters, fingerprints,
+            settings, gpu=gpu, track=track, show_progress=show_progress, batches=batches,
+        )  # fmt: skip
+    finally:
+        lease.release()
+
+
+def claim_run(
+    catalogue: Catalogue, family: str, run: str, *, wait: bool, say: Callable[[str], Any]
+) -> Lease:
+    """Take run ``run``'s lease (`storage.lease`): one process at a time splits a run. While
+    another live process holds it, wait (saying once who holds it) or, without ``wait``,
+    raise DecomposeError naming the holder. Nests: the CLI claims before the engines start,
+    the flow again inside."""
+    lease = run_lease(catalogue, family, run)
+
+    def waiting(holder: Holder | None) -> None:
+        say(f"{lease.busy_message(holder)}; waiting for it to finish (--no-wait: exit instead)")
+
+    try:
+        return lease.acquire(wait=wait, on_wait=waiting)
+    except LeaseBusyError as error:
+        raise DecomposeError(
+            f"{error}; nothing was done: rerun later, or without --no-wait to wait for it"
+        ) from None
+
+
+def _split_run(
+    logger: Any,
+    app_settings: Settings,
+    catalogue: Catalogue,
+    family: str,
+    run: str,
+    chosen: list[str],
+    parameters: list[str],
+    fingerprints: dict[str, str],
+    settings: SplitSettings,
+    *,
+    gpu: bool,
+    track: bool,
+    show_progress: bool,
+    batches: int | None,
+) -> DecomposeResult:
+    """The body of `decompose_family`, run while holding the run's lease."""
     store = DecompositionRun(catalogue, family, run)
     store.begin(settings.model_dump(), chosen, parameters)
     done = store.completed()
@@ -312,21 +362,34 @@ def run_decompose(
     gpu: bool = False,
     track: bool = True,
     show_progress: bool = True,
+    wait: bool = True,
+    say: Callable[[str], Any] = print,
 ) -> DecomposeResult:
-    """Start (or join) the cluster and run the decomposition flow on it."""
+    """Claim the run, start (or join) the cluster and run the decomposition flow on it.
+
+    The run's lease is taken before any engine starts, so a second process waits (or with
+    ``wait=False`` stops at once) without a flow run, a cluster or a failure of its own."""
     # Fail fast, before any engine or cluster starts (InputError names the setting).
-    chosen, _ = plan(Catalogue(load_settings(catalogue=catalogue_url).catalogue), family, members)
+    catalogue = Catalogue(load_settings(catalogue=catalogue_url).catalogue)
+    chosen, _ = plan(catalogue, family, members)
     check_settings_for_family(settings or SplitSettings(), len(chosen))
     check_workers(workers)
     check_scheduler(scheduler)
-    with prefect_run_settings(), dask_cluster(scheduler, workers, gpu) as runner:
-        return decompose_family.with_options(task_runner=runner)(
-            family,
-            members=members,
-            settings=settings,
-            catalogue_url=catalogue_url,
-            gpu=gpu,
-            track=track,
-            show_progress=show_progress,
-            batches=workers if scheduler is None else None,
-        )
+    fingerprints = {m: member_fingerprint(catalogue, family, m) for m in chosen}
+    run = run_id(family, chosen, settings or SplitSettings(), fingerprints)
+    lease = claim_run(catalogue, family, run, wait=wait, say=say)
+    try:
+        with prefect_run_settings(), dask_cluster(scheduler, workers, gpu) as runner:
+            return decompose_family.with_options(task_runner=runner)(
+                family,
+                members=members,
+                settings=settings,
+                catalogue_url=catalogue_url,
+                gpu=gpu,
+                track=track,
+                show_progress=show_progress,
+                batches=workers if scheduler is None else None,
+                wait=wait,
+            )
+    finally:
+        lease.release()

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from tvsplit.flows.console import err as _err
 from tvsplit.flows.console import fail as _fail
 from tvsplit.flows.console import out as _out
 from tvsplit.flows.settings import load_settings, prefect_run_settings
@@ -45,6 +46,12 @@ def decompose_command(
     gpu: bool = typer.Option(False, help="Run jobs on workers offering a GPU resource."),
     catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
     track: bool = typer.Option(True, help="Log the run to MLflow."),
+    no_wait: bool = typer.Option(
+        False,
+        "--no-wait",
+        help="When another process is splitting the same run, exit at once naming it "
+        "(default: wait for it, then finish; its work is reused).",
+    ),
     **split: Any,
 ) -> None:
     """Split every parameter of FAMILY into shared and unique parts (resumable). The split
@@ -66,7 +73,10 @@ def decompose_command(
     try:
         result = run_decompose(
             family, members=members, settings=settings, catalogue_url=app_settings.catalogue,
-            scheduler=scheduler, workers=workers, gpu=gpu, track=track,
+            scheduler=scheduler, workers=workers, gpu=gpu, track=track, wait=not no_wait,
+            say=lambda message: _err.print(
+                f"[yellow]waiting:[/] {message}", highlight=False, soft_wrap=True
+            ),
         )  # fmt: skip
     except (DecomposeError, StorageError) as error:
         _fail(str(error))

@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 from prefect import flow, task
 from tvsplit.flows.checks import check_base, check_output, lora_folder, output_target
-from tvsplit.flows.console import progress_bars
+from tvsplit.flows.console import err, progress_bars
 from tvsplit.flows.recipe import Recipe, load_recipe
 from tvsplit.flows.settings import load_settings
 from tvsplit.flows.tracking import use_experiment
 from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.lease import Holder, Lease, folder_lease
 from tvsplit.storage.model_folder import (
     FolderReplacement,
     ModelFolderWriter,
@@ -193,6 +194,21 @@ def _lora_plan(recipe: Recipe, base: Any, edited: frozenset[str]) -> LoraTargets
 
 
 @flow(name="tvsplit-edit", log_prints=True)
+def claim_output(target: Path) -> Lease:
+    """Take the lease of an edit's output folder (`storage.lease.folder_lease`): while
+    another live process writes it, wait, saying once who that is."""
+    lease = folder_lease(target)
+
+    def waiting(holder: Holder | None) -> None:
+        err.print(
+            f"[yellow]waiting:[/] {lease.busy_message(holder)}; waiting for it to finish",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    return lease.acquire(on_wait=waiting)
+
+
 def edit_model(
     recipe_path: str,
     output: str | None = None,
@@ -216,12 +232,17 @@ def edit_model(
         Catalogue(settings.catalogue), recipe, allow_other_base=allow_other_base,
         source=str(recipe_path),
     )  # fmt: skip
-    if as_adapter:
-        result = write_edit_adapter_task(recipe, settings.catalogue, target, rank, overwrite)
-    else:
-        result = write_edited_model(
-            recipe, settings.catalogue, target, lora_rank, show_progress, overwrite
-        )
+    lease = claim_output(target)  # one writer per output folder at a time
+    try:
+        check_output(target, overwrite=overwrite)  # again: it may have appeared meanwhile
+        if as_adapter:
+            result = write_edit_adapter_task(recipe, settings.catalogue, target, rank, overwrite)
+        else:
+            result = write_edited_model(
+                recipe, settings.catalogue, target, lora_rank, show_progress, overwrite
+            )
+    finally:
+        lease.release()
     if track:
         import mlflow
 

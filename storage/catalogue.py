@@ -113,6 +113,12 @@ class Catalogue:
     def __repr__(self) -> str:
         return f"Catalogue({self.url!r})"
 
+    @property
+    def options(self) -> dict[str, Any] | None:
+        """The fsspec storage options given in code (merged with the environment's when
+        the store is opened, `storage.object_store`)."""
+        return self._storage_options
+
     # -- opening ---------------------------------------------------------------------------
     def _open(self, *, write: bool) -> zarr.Group | None:
         if self._root is not None and (self._writable or not write):

@@ -1,0 +1,288 @@
+"""Leases (storage/lease.py): one holder at a time on local disk, memory:// and S3 (moto_server),
+takeover of dead or expired holders, renewal; and two `tvsplit decompose` processes at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.decompositions import DecompositionRun, list_runs
+from tvsplit.storage.lease import (
+    Holder,
+    LeaseBusyError,
+    LeaseLocation,
+    catalogue_leases,
+    folder_lease,
+    run_key,
+    run_lease,
+)
+
+# A process that tries once to take a lease and prints whether it got it, then holds it
+# until its stdin closes (so that a winner keeps it while the others try).
+_TAKE_ONCE = textwrap.dedent(
+    """
+    import sys
+    from tvsplit.storage.catalogue import Catalogue
+    from tvsplit.storage.lease import run_lease
+    lease = run_lease(Catalogue(sys.argv[1]), "fam", "r1")
+    print("got" if lease.try_acquire() else "busy", flush=True)
+    sys.stdin.read()
+    lease.release()
+    """
+)
+
+
+def _foreign(location: LeaseLocation, key: str, *, renewed_ago: float, ttl: float = 60.0) -> bytes:
+    """Write the lease of a holder on another host, renewed `renewed_ago` seconds ago."""
+    now = time.time()
+    holder = Holder("elsewhere", 4242, uuid.uuid4().hex, now - 100, now - renewed_ago, ttl, "x")
+    assert location.create(key, holder.to_bytes())
+    return holder.to_bytes()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _check_semantics(catalogue: Catalogue) -> None:
+    """Busy, takeover of an expired and of a dead holder, renewal and release."""
+    location = catalogue_leases(catalogue)
+    key = run_key("fam", "r1")
+    _foreign(location, key, renewed_ago=1)
+    lease = run_lease(catalogue, "fam", "r1", ttl=60)
+    with pytest.raises(LeaseBusyError, match=r"held by elsewhere pid 4242 \(since .*, x\)"):
+        lease.acquire(wait=False)
+    assert lease.current().host == "elsewhere"  # refused: untouched
+    location.delete(key)
+
+    _foreign(location, key, renewed_ago=120, ttl=60)  # expired: taken over
+    assert lease.try_acquire()
+    me = lease.current()
+    assert (me.host, me.pid) == (socket.gethostname(), os.getpid())
+    lease.release()
+    assert lease.current() is None and location.read(key) is None
+
+    now = time.time()
+    dead = Holder(socket.gethostname(), _dead_pid(), "t", now, now, 3600, "")
+    assert location.create(key, dead.to_bytes())  # fresh, but its process is gone
+    quick = run_lease(catalogue, "fam", "r1", ttl=0.2)
+    assert quick.try_acquire()
+    first = quick.current()
+    deadline = time.monotonic() + 30
+    while quick.current().renewed == first.renewed:  # the heartbeat renews it
+        assert time.monotonic() < deadline, "lease never renewed"
+        time.sleep(0.05)
+    assert quick.current().token == first.token and not quick.lost
+    # Someone else took it: the holder notices at its next renewal. (A renewal that read
+    # its own lease just before the other's write still rewrites it: write until noticed.)
+    deadline = time.monotonic() + 60
+    while not quick.lost:
+        assert time.monotonic() < deadline, "a lost lease not noticed"
+        location.write(key, _foreign_bytes())
+        time.sleep(0.1)
+    quick.release()
+    assert Holder.from_bytes(location.read(key)).host == "elsewhere"  # not ours: left alone
+    location.delete(key)
+
+
+def _foreign_bytes() -> bytes:
+    now = time.time()
+    return Holder("elsewhere", 1, "other", now, now, 60, "").to_bytes()
+
+
+def test_lease_semantics_on_local_disk(tmp_path):
+    catalogue = Catalogue(str(tmp_path / "catalogue.zarr"))
+    _check_semantics(catalogue)
+    leases = tmp_path / "catalogue.zarr" / "leases"
+    assert json.loads((leases / "zarr.json").read_text())["node_type"] == "group"
+
+
+def test_lease_semantics_on_memory_store():
+    _check_semantics(Catalogue(f"memory://lease-{uuid.uuid4().hex[:8]}/catalogue.zarr"))
+
+
+def test_nested_claims_in_one_process_release_once(tmp_path):
+    catalogue = Catalogue(str(tmp_path / "catalogue.zarr"))
+    outer = run_lease(catalogue, "fam", "r1").acquire()
+    inner = run_lease(catalogue, "fam", "r1").acquire(wait=False)
+    inner.release()
+    assert outer.current() is not None  # still held by the outer claim
+    outer.release()
+    assert outer.current() is None
+
+
+def _race(url: str, env: dict[str, str] | None = None, processes: int = 4) -> list[str]:
+    """`processes` processes try to take the same free lease at once; their answers."""
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TAKE_ONCE, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        for _ in range(processes)
+    ]
+    answers = [child.stdout.readline().strip() for child in children]
+    for child in children:
+        child.communicate("")
+        assert child.returncode == 0
+    return answers
+
+
+def test_exactly_one_of_racing_processes_gets_a_local_lease(tmp_path):
+    answers = _race(str(tmp_path / "catalogue.zarr"))
+    assert sorted(answers) == ["busy", "busy", "busy", "got"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from servers import moto_s3
+
+    with moto_s3(tmp_path_factory.mktemp("moto-logs")) as (_, env):
+        yield env
+
+
+def test_lease_on_s3_is_a_conditional_write(s3, monkeypatch):
+    """On S3 (moto_server) the lease is taken with ``If-None-Match: *``: a second create of
+    the same key fails, and of racing processes exactly one wins."""
+    import s3fs
+
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TVSPLIT_STORAGE_OPTIONS", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    bucket = f"lease-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    url = f"s3://{bucket}/catalogue.zarr"
+    location = catalogue_leases(Catalogue(url))
+    assert location.create("k.json", b"1") and not location.create("k.json", b"2")
+    assert location.read("k.json") == b"1"
+    _check_semantics(Catalogue(url))
+    assert sorted(_race(url, s3)) == ["busy", "busy", "busy", "got"]
+
+
+def test_folder_lease_is_beside_the_folder(tmp_path):
+    lease = folder_lease(tmp_path / "model").acquire()
+    assert (tmp_path / ".model.lease").is_file()
+    lease.release()
+    assert not (tmp_path / ".model.lease").exists()
+
+
+# -- two `tvsplit decompose` processes at once ----------------------------------------------------
+def _family(url: str) -> None:
+    from tvsplit.tasks.synthetic import planted_family
+
+    cat = Catalogue(url)
+    shapes = {"blocks.0.mlp.weight": (40, 24), "blocks.0.attn.weight": (24, 24)}
+    deltas = {
+        name: planted_family(*shape, 3, shared_rank=2, unique_rank=2, noise=0.02, seed=i).deltas
+        for i, (name, shape) in enumerate(shapes.items())
+    }
+    for member in [None, "m0", "m1", "m2"]:
+        writer = cat.writer("fam", member, {"source": f"synthetic:{member}"})
+        for name, stack in deltas.items():
+            value = torch.zeros_like(stack[0]) if member is None else stack[int(member[1])]
+            writer.write(name, value, {"source": "synthetic"})
+        writer.finish(list(deltas), {"source": f"synthetic:{member}"})
+
+
+def _decompose(url: str, tmp_path: Path, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "TVSPLIT_DATA": str(tmp_path / "data"), "TVSPLIT_CATALOGUE": url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tvsplit.cli", "decompose", "fam", "--no-track", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _stored(url: str) -> dict[str, dict[str, torch.Tensor]]:
+    cat = Catalogue(url)
+    (run, attrs), *others = list_runs(cat, "fam")
+    assert not others and attrs["status"] == "complete"
+    store = DecompositionRun(cat, "fam", run)
+    return {name: store.read_parameter(name).arrays for name in attrs["parameters"]}
+
+
+@pytest.mark.slow  # three CLI processes, each with its own Prefect server: minutes on 2 cores
+def test_a_second_decompose_refuses_or_waits_for_the_holder(prefect_harness, tmp_path):
+    from tvsplit.flows.decompose import run_decompose
+
+    single, shared = str(tmp_path / "single.zarr"), str(tmp_path / "shared.zarr")
+    _family(single)
+    _family(shared)
+    run = run_decompose("fam", catalogue_url=single, track=False, show_progress=False).run
+    holder = run_lease(Catalogue(shared), "fam", run).acquire()  # this test holds it
+    refused = _decompose(shared, tmp_path, "--no-wait")
+    _, err = refused.communicate(timeout=600)
+    assert refused.returncode == 1
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert f"held by {socket.gethostname()} pid {os.getpid()}" in lines[0]
+    assert "Traceback" not in err and list_runs(Catalogue(shared), "fam") == []
+
+    both = [_decompose(shared, tmp_path), _decompose(shared, tmp_path)]  # wait for the holder
+    deadline = time.monotonic() + 600
+    waiting = 0
+    for process in both:  # each says once who it waits for, then blocks on our lease
+        line = process.stderr.readline()
+        while line and "waiting" not in line:
+            assert time.monotonic() < deadline
+            line = process.stderr.readline()
+        waiting += f"pid {os.getpid()}" in line
+    assert waiting == 2, line
+    assert list_runs(Catalogue(shared), "fam") == []
+    holder.release()
+    for process in both:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+        assert "failed" not in err and "Traceback" not in err
+    expected, got = _stored(single), _stored(shared)
+    assert got.keys() == expected.keys()
+    for name, arrays in expected.items():
+        assert arrays.keys() == got[name].keys()
+        for key, value in arrays.items():
+            assert torch.equal(value, got[name][key]), (name, key)
+    assert not list(Path(shared, "leases", "fam").rglob("*.json"))  # both released their claim
+
+
+def test_acquire_waits_for_a_live_holder_then_takes_the_lease(tmp_path):
+    """The edit's output folder claim: a second writer waits (told once who holds it) and
+    takes the lease as soon as the holder gives it back."""
+    import threading
+
+    lease = folder_lease(tmp_path / "model")
+    _foreign(lease.location, lease.key, renewed_ago=0)  # alive, on another host
+    told: list[Holder | None] = []
+    taken = threading.Event()
+
+    def claim() -> None:
+        lease.acquire(on_wait=told.append, poll=0.05)
+        taken.set()
+
+    thread = threading.Thread(target=claim)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not told:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert told[0].host == "elsewhere" and not taken.is_set()
+    lease.location.delete(lease.key)  # the holder finishes
+    thread.join(30)
+    assert taken.is_set() and len(told) == 1 and lease.current().pid == os.getpid()
+    lease.release()
