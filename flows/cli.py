@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import typer
-from tvsplit.flows import catalogue_cli, decompose_cli, server_cli, sync_cli
+from tvsplit.flows import catalogue_cli, decompose_cli, evaluate_cli, server_cli, sync_cli
 
 app = typer.Typer(
     name="tvsplit",
@@ -63,42 +63,14 @@ def demo(
 
         run_demo(size=size, members=members, noise=noise, seed=seed)
         return
-    from tvsplit.flows.vision import print_summary, vision_suite
+    from tvsplit.flows.evaluate_cli import run_suite_command
 
-    print_summary(vision_suite(preset=preset))
-
-
-evaluate_app = typer.Typer(help="Evaluation suites.", no_args_is_help=True)
-app.add_typer(evaluate_app, name="evaluate")
-
-
-@evaluate_app.command("vision")
-def evaluate_vision(
-    preset: str = typer.Option("full", help="full (3 seeds, the demo's) or small (CI-sized)."),
-    workers: int = typer.Option(2, help="LocalCluster workers for the decomposition."),
-    results: str = typer.Option("RESULTS.md", help="Where to write the results (markdown)."),
-    catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
-    track: bool = typer.Option(True, help="Log to MLflow (parent run, one nested run per method)."),
-) -> None:
-    """Does merging with shared parts beat the baselines on real images? (vision suite)"""
-    from tvsplit.flows.vision import print_summary, vision_suite
-
-    if preset not in ("full", "small"):
-        raise typer.BadParameter("use full or small", param_hint="--preset")
-    print_summary(
-        vision_suite(
-            preset=preset,
-            catalogue_url=catalogue,
-            workers=workers,
-            track=track,
-            results_path=results,
-        ),
-        catalogue,
-    )
+    run_suite_command("vision", preset, command="make demo" if preset == "full" else None)
 
 
 # The leaves build their own apps and never import this module: no import circle.
 app.add_typer(catalogue_cli.app)  # `ingest`, `catalogue ls|show|rm`
 app.add_typer(decompose_cli.app)  # `decompose`, `edit`
 app.add_typer(sync_cli.app)  # `sync`, `serve`
+app.add_typer(evaluate_cli.app)  # `evaluate [SUITE] [--preset P] [--list]`
 app.add_typer(server_cli.server_app, name="server")  # `server status|start|stop`

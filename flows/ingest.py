@@ -9,7 +9,7 @@ Spec shape::
         exclude: [optional parameter-name globs]
         members:
           <member>: <source>
-        suite: [optional suite name, rerun by `tvsplit sync` after a decomposition]
+        suite: [optional NAME or NAME:PRESET, rerun by `tvsplit sync` after a decomposition]
         base_by_reference: [optional, false: keep the base as a reference to its files]
 
 One Prefect task per source (the base first, then each member), retried with backoff on
@@ -60,7 +60,10 @@ class FamilySpec(BaseModel):
     )
     members: dict[str, str] = Field(default_factory=dict, description="Member name → source.")
     suite: str | None = Field(
-        default=None, description="Suite `tvsplit sync` reruns after decomposing the family."
+        default=None,
+        description="Suite `tvsplit sync` reruns (through `tvsplit evaluate`'s flow, on this "
+        "family of the suite's pool) after decomposing the family: NAME or NAME:PRESET "
+        "(default preset full).",
     )
     base_by_reference: bool = Field(
         default=False,

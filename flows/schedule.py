@@ -239,13 +239,37 @@ def apply_sync(
     return report
 
 
+def suite_preset(value: str) -> tuple[str, str]:
+    """A spec's ``suite:`` value, ``NAME`` or ``NAME:PRESET``, as (name, preset); the
+    preset defaults to ``full`` (as for ``tvsplit evaluate``)."""
+    name, _, preset = value.partition(":")
+    return name.strip(), preset.strip() or "full"
+
+
 def _run_suite(suite: str, family: str, catalogue: str, track: bool) -> str:
-    """Rerun a family's configured suite (the suite registry, when it has one)."""
+    """Rerun a family's configured suite through the generic suite flow, on that family of
+    the suite's pool (its section of ``<data>/RESULTS.md`` rewritten); returns what it did,
+    or why it failed (a suite failure does not undo the sync)."""
+    from tvsplit.flows.ingest import USER_ERRORS
+    from tvsplit.flows.suite import suite_flow
+    from tvsplit.tasks.suites.base import SuiteError
+
+    name, preset = suite_preset(suite)
+    results = load_settings().data / "RESULTS.md"
     try:
-        from tvsplit.tasks.suites import run_suite  # type: ignore[attr-defined]
-    except ImportError:
-        return f"suite {suite!r} configured, but this tvsplit has no suite runner"
-    return str(run_suite(suite, family=family, catalogue=catalogue, track=track))
+        outcome = suite_flow(
+            name, preset=preset, catalogue_url=catalogue, families=[family], track=track,
+            results_path=str(results), show_progress=False,
+            command=f"tvsplit sync (family {family})",
+        )  # fmt: skip
+    except (*USER_ERRORS, SuiteError, DecomposeError) as error:
+        return f"suite {name!r} ({preset}) failed: {error}"
+    result = outcome.result
+    run = f", MLflow run {outcome.mlflow_run_id}" if outcome.mlflow_run_id else ""
+    return (
+        f"suite {name!r} ({preset}) rerun: {len(result.rows)} row(s) on "
+        f"{', '.join(result.families)}; section {name!r} of {outcome.results_path}{run}"
+    )
 
 
 def sync(

@@ -55,3 +55,21 @@ def repos(tmp_path_factory):
 def vision_data_root(tmp_path_factory):
     """One data root for the vision tests: the small zoo is trained once and then reused."""
     return tmp_path_factory.mktemp("vision-data")
+
+
+@pytest.fixture(scope="session")
+def vision_run(prefect_harness, vision_data_root, tmp_path_factory):
+    """The vision suite at its small preset through the generic suite flow, once per session
+    (zoo → ingest → decompose → every row → the chosen edit → MLflow → its section)."""
+    from tvsplit.flows.suite import suite_flow
+
+    out = tmp_path_factory.mktemp("vision-run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
+        patch.setenv("TVSPLIT_ARTIFACTS", str(out / "artifacts"))
+        run = suite_flow(
+            "vision", preset="small", data_root=str(vision_data_root),
+            catalogue_url=str(out / "catalogue.zarr"), results_path=str(out / "RESULTS.md"),
+            show_progress=False,
+        )  # fmt: skip
+        yield run

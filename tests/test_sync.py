@@ -102,3 +102,43 @@ def test_sync_does_only_what_changed(repos, tmp_path, hub, prefect_harness):
     assert kept.entry("fam", "ft1").complete and "ft1" in kept.members("fam")
     after = kept.read("fam", next(iter(kept.parameters("fam"))), member="ft1")
     assert after.equal(before)
+
+
+def test_sync_reruns_the_configured_suite_when_the_family_changed(
+    repos, tmp_path, monkeypatch, prefect_harness
+):
+    """A family entry naming its suite (``suite: toy:small``): the first sync and a sync
+    after a member changed rerun it through the generic suite flow on that family (its
+    RESULTS.md section rewritten); a sync with nothing new does not."""
+    import toy_suite
+    from tvsplit.flows.schedule import _run_suite
+    from tvsplit.tasks.suites.results import read_section
+
+    members = {n: str(finetuned_copy(repos.base, tmp_path / n, seed=s)) for n, s in (("a", 11), ("b", 12))}  # fmt: skip
+    spec = tmp_path / "spec.yaml"
+    family = {"base": str(repos.base), "members": members, "suite": "toy:small"}
+    spec.write_text(yaml.safe_dump({"families": {"fam": family}}))
+    monkeypatch.setattr(toy_suite.ToySuite, "SPEC", spec)
+    monkeypatch.setenv("TVSPLIT_DATA", str(tmp_path / "data"))
+    url = str(tmp_path / "catalogue.zarr")
+    results = tmp_path / "data" / "RESULTS.md"
+
+    first = sync(spec, url, track=False, workers=1)
+    assert first.decomposed["fam"]["status"] == "done"
+    assert "suite 'toy' (small) rerun" in first.suites["fam"], first.suites
+    section = read_section(results.read_text(), "toy")
+    assert "`shared_ta`" in section and "tvsplit sync (family fam)" in section
+
+    again = sync(spec, url, track=False, workers=1)
+    assert again.plan.nothing_new and again.suites == {}
+    assert read_section(results.read_text(), "toy") == section
+
+    shutil.rmtree(tmp_path / "b")
+    finetuned_copy(repos.base, tmp_path / "b", seed=13)
+    third = sync(spec, url, track=False, workers=1)
+    assert [s.label for s in third.plan.to_ingest] == [entry_label("fam", "b")]
+    assert "rerun" in third.suites["fam"]
+    assert read_section(results.read_text(), "toy") != section  # the new member's numbers
+
+    failed = _run_suite("nope", "fam", url, track=False)
+    assert "failed: no suite 'nope'" in failed

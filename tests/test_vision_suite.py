@@ -1,7 +1,7 @@
 """The vision suite at its small preset: real data, a real (small) zoo, every merge method.
 
-One zoo and one benchmark run are built per session (module fixtures); the assertions are
-about what they mean: splits, fine-tuning, merging, the report (the subspace
+One zoo and one suite run (the generic flow, ``vision_run``) are built per session; the
+assertions are about what they mean: splits, fine-tuning, merging, the report (the subspace
 merges' definitions are tested in test_merges.py).
 """
 
@@ -13,10 +13,15 @@ import pickle
 import pytest
 import torch
 from tvsplit.tasks.suites.vision import data
-from tvsplit.tasks.suites.vision.benchmark import BenchmarkConfig, run_benchmark
-from tvsplit.tasks.suites.vision.merging import edit_state, load_family, split_family
+from tvsplit.tasks.suites.vision.merging import load_family
 from tvsplit.tasks.suites.vision.model import load_backbone
-from tvsplit.tasks.suites.vision.report import bar_chart, markdown_table, verdict, write_results
+from tvsplit.tasks.suites.vision.report import (
+    bar_chart,
+    markdown_table,
+    results_markdown,
+    table,
+    verdict,
+)
 from tvsplit.tasks.suites.vision.zoo import ZooConfig, ZooError, build_zoo
 
 SIZES = data.SplitSizes(train=300, val=50, test=60)
@@ -90,8 +95,8 @@ def zoo(vision_data_root):
 
 
 @pytest.fixture(scope="module")
-def result(zoo):
-    return run_benchmark(zoo, BenchmarkConfig.small())
+def result(vision_run):
+    return vision_run.result
 
 
 def test_zoo_is_a_set_of_loadable_model_repositories(zoo):
@@ -129,22 +134,22 @@ def test_catalogue_spec_is_a_valid_ingest_spec(zoo):
 
 
 def test_each_individual_model_beats_the_base_on_its_own_task(result):
-    for seed in result.seeds:
+    for seed in result.families:
         base = result.record("base", seed).test
         individual = result.record("individual", seed).test
-        for task in result.tasks:
+        for task in result.metrics:
             assert individual[task] > base[task], f"{task}: {individual[task]} ≤ {base[task]}"
 
 
 def test_merges_beat_the_base_on_average(result):
-    for seed in result.seeds:
-        base = result.record("base", seed).test_average
+    for seed in result.families:
+        base = result.record("base", seed).test_score
         for method in ("task_arithmetic", "ties", "tsv_m"):
-            assert result.record(method, seed).test_average > base, method
+            assert result.record(method, seed).test_score > base, method
 
 
 def test_results_table_has_every_method_and_column(result, tmp_path):
-    rows = {row["method"]: row for row in result.table()}
+    rows = {row["method"]: row for row in table(result)}
     expected = {
         "base",
         "individual",
@@ -156,34 +161,38 @@ def test_results_table_has_every_method_and_column(result, tmp_path):
         "iso_cts",
         *(f"{m}[{v}]" for m in ("shared_ta", "shared_ties") for v in ("one-sided", "two-sided")),
     }
-    assert expected <= set(rows)
+    assert expected == set(rows)
     for row in rows.values():
-        assert {*result.tasks, "average", "normalized", "delta_vs_ta", "wins_vs_ta"} <= set(row)
+        assert {*result.metrics, "average", "normalized", "delta_vs_ta", "wins_vs_ta"} <= set(row)
     assert rows["task_arithmetic"]["delta_vs_ta"] == (0.0, 0.0)
     assert rows["individual"]["normalized"][0] == pytest.approx(100.0)
     assert verdict(result).outcome in {"holds", "partly", "does not hold"}
     assert markdown_table(result).count("\n") == len(rows) + 1
-    text = write_results(result, tmp_path / "RESULTS.md").read_text()
-    assert "## The claim" in text and "task_arithmetic" in text
+    text = results_markdown(result)
+    assert text.startswith("## Vision suite") and "### The claim" in text
     assert bar_chart(result, tmp_path / "bars.png").stat().st_size > 1000
-    json.dumps(result.alignment)  # plain data, loggable
-    for stats in result.alignment.values():
+    json.dumps(result.diagnostics)  # plain data, loggable
+    assert set(result.diagnostics) == {"seed-0/one-sided", "seed-0/two-sided"}
+    for stats in result.diagnostics.values():
         assert -1.0 <= stats["cosine_min"] <= stats["cosine_max"] <= 1.0
 
 
-def test_merged_state_equals_direct_edit_and_split_is_exact(zoo):
+def test_edits_from_the_catalogue_equal_direct_sums_and_split_edits(zoo, vision_run):
+    """FamilyTensors (what every suite row evaluates) gives θ0 + λ Σ τ_i from the model
+    folders, and the shared-augmented merge with γ = 0 is task arithmetic."""
+    from tvsplit.tasks.suites.edited import FamilyTensors
+
     family = load_family(zoo.base_dir, zoo.members(0))
-    merged = edit_state(family, "task_arithmetic", {"scale": 0.3})
+    ref = vision_run.pool.families[0]
+    tensors = FamilyTensors(str(vision_run.results_path.parent / "catalogue.zarr"), ref.name)
+    merged = tensors.state("task_arithmetic", {"scale": 0.3})
+    assert merged.keys() == family.base.keys()
     for name, base in family.base.items():
         expected = base + 0.3 * sum(family.vectors[name])
         torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
-    settings = BenchmarkConfig.small().split_settings("two-sided")
-    shared = split_family(family, settings)
-    augmented = edit_state(
-        family,
-        "shared_augmented",
-        {"scale": 0.3, "shared_weight": 0.0, "shared_as": "each"},
-        shared,
+    run = vision_run.runs[(ref.name, "two-sided")]
+    augmented = tensors.state(
+        "shared_augmented", {"scale": 0.3, "shared_weight": 0.0, "shared_as": "each"}, run=run
     )
     for name in family.base:
         torch.testing.assert_close(augmented[name], merged[name])

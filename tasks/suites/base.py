@@ -395,3 +395,12 @@ class Suite(ABC):
     def artifacts(self, result: SuiteResult, folder: Path) -> list[Path]:
         """Extra files to log to MLflow (figures); default none."""
         return []
+
+    def row_metrics(self, result: SuiteResult, row: str) -> dict[str, float]:
+        """Extra metrics of one row for its nested MLflow run (beside the score and the
+        per-metric means the flow logs); default none."""
+        return {}
+
+    def summary(self, result: SuiteResult) -> str:
+        """What ``tvsplit evaluate`` prints at the end (default: the plain table)."""
+        return result.markdown_table()

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "tvsplit.suites"
 
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {"vision": "tvsplit.tasks.suites.vision.suite:VisionSuite"}
 
 _registered: dict[str, type[Suite]] = {}
 

@@ -257,6 +257,13 @@ def pipeline(stack, spec):
     )  # fmt: skip
     out["edited"] = stack.root / "edited"
     stack.cli("edit", str(recipe), "--out", str(out["edited"]))
+    # A small suite evaluation: the vision suite's tiny preset (zoo → ingest into the bucket
+    # → decompose on the cluster → every row → the chosen edit → MLflow → its section).
+    out["results"] = stack.root / "RESULTS.md"
+    out["suite"] = stack.cli(
+        "evaluate", "vision", "--preset", "tiny", "--scheduler", stack.scheduler,
+        "--results", str(out["results"]), timeout=900,
+    )  # fmt: skip
     return out
 
 
@@ -299,7 +306,12 @@ def test_prefect_server_holds_completed_flow_and_task_runs(stack, pipeline):
     assert all(r.state_type.value == "COMPLETED" for r in flow_runs), [
         (flows[r.flow_id], r.state_name) for r in flow_runs
     ]
-    decompose_runs = [r for r in flow_runs if flows[r.flow_id] == "tvsplit-decompose"]
+    assert "tvsplit-suite" in names, names
+    decompose_runs = [
+        r
+        for r in flow_runs
+        if flows[r.flow_id] == "tvsplit-decompose" and r.parameters.get("family") == FAMILY
+    ]
     assert len(decompose_runs) == 2
     batches = [t for t in task_runs if t.name.startswith("split ")]
     assert batches and all(t.state_type.value == "COMPLETED" for t in task_runs), [
@@ -313,7 +325,9 @@ def test_mlflow_server_holds_runs_metrics_and_artifacts(stack, pipeline):
     client = MlflowClient(tracking_uri=stack.mlflow_uri)
     experiment = client.get_experiment_by_name("tvsplit-decompose")
     assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"params.family = '{FAMILY}'"
+    )
     assert len(runs) == 2
     for run in runs:
         assert run.data.params["family"] == FAMILY
@@ -327,6 +341,36 @@ def test_mlflow_server_holds_runs_metrics_and_artifacts(stack, pipeline):
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     edits = client.get_experiment_by_name("tvsplit-edit")
     assert edits is not None and client.search_runs([edits.experiment_id])
+
+
+def test_suite_evaluation_is_a_parent_run_with_nested_runs_and_metrics(stack, pipeline):
+    """`tvsplit evaluate vision --preset tiny` against the servers: one parent run in the
+    MLflow server with a nested run per row, each with its metrics, and its section."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+    from tvsplit.tasks.suites.results import read_section
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    experiment = client.get_experiment_by_name("tvsplit-vision")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    assert (parent.data.params["suite"], parent.data.params["preset"]) == ("vision", "tiny")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    rows = {r.info.run_name for r in children}
+    assert {"base", "individual", "weight_average", "task_arithmetic", "ties",
+            "shared_ta[one-sided]", "shared_ties[one-sided]", "tsv_m"} == rows  # fmt: skip
+    for child in children:
+        assert child.info.status == "FINISHED"
+        metrics = child.data.metrics
+        assert {"score", "normalized", "test/mnist", "test/digits"} <= set(metrics), metrics
+        assert all(math.isfinite(v) for v in metrics.values())
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"RESULTS.md", "results_table.md", "results.json", "vision_results.png"} <= artifacts
+    section = read_section(pipeline["results"].read_text(), "vision")
+    assert section.startswith("## Vision suite") and "`tsv_m`" in section
 
 
 def test_a_plain_zarr_reader_reads_the_bucket(stack, pipeline):

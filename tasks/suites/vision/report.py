@@ -1,16 +1,24 @@
-"""The vision benchmark's report: a markdown table, a verdict on the paper's first claim
-(+5 points of multi-task accuracy from adding the shared parts as extra task vectors), a
-bar chart, and ``RESULTS.md``."""
+"""The vision suite's report: its table, a verdict on the paper's first claim (+5 points of
+multi-task accuracy from adding the shared parts as extra task vectors), the shared-part
+agreement table, a bar chart, and its section of RESULTS.md.
+
+Everything reads a ``SuiteResult`` (families = fine-tuning seeds, labelled ``seed-<s>``);
+metrics are accuracies (%) per task and a row's score is their mean. Light: no torch here
+(matplotlib is imported by ``bar_chart`` only).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tvsplit.tasks.suites.vision.benchmark import SHARED_METHODS, BenchmarkResult
+from tvsplit.tasks.suites.base import SuiteResult, mean_std
 
 CLAIM_POINTS = 5.0
+SHARED_METHODS = ("shared_ta", "shared_ties")
+REFERENCE = "task_arithmetic"
 BASE_MERGE = {"shared_ta": "task_arithmetic", "shared_ties": "ties"}
 
 
@@ -32,10 +40,43 @@ def _signed(value: tuple[float, float]) -> str:
     return f"{value[0]:+.2f} ± {value[1]:.2f}"
 
 
-def verdict(result: BenchmarkResult) -> Verdict:
+def normalized_average(result: SuiteResult, row: str, family: str) -> float:
+    """Mean over tasks of 100 · accuracy / individual accuracy (same seed)."""
+    individual = result.record("individual", family).test
+    merged = result.record(row, family).test
+    return sum(100.0 * merged[t] / individual[t] for t in result.metrics) / len(result.metrics)
+
+
+def table(result: SuiteResult) -> list[dict[str, Any]]:
+    """One row per method: per-task and average accuracy (mean, std over seeds), normalized
+    accuracy, and the paired difference against task arithmetic."""
+    rows = []
+    for method in result.rows:
+        row: dict[str, Any] = {"method": method}
+        for task in result.metrics:
+            row[task] = result.metric_summary(method, task)
+        row["average"] = mean_std(result.scores(method))
+        row["normalized"] = mean_std(
+            [normalized_average(result, method, f) for f in result.families]
+        )
+        diffs = result.paired_difference(method, REFERENCE)
+        row["delta_vs_ta"] = mean_std(diffs)
+        row["wins_vs_ta"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+        row["params"] = [result.record(method, f).params for f in result.families]
+        rows.append(row)
+    return rows
+
+
+def row_metrics(result: SuiteResult, row: str) -> dict[str, float]:
+    """What MLflow gets for one row (normalized accuracy and Δ vs task arithmetic)."""
+    (found,) = [r for r in table(result) if r["method"] == row]
+    return {"normalized": found["normalized"][0], "delta_vs_ta": found["delta_vs_ta"][0]}
+
+
+def verdict(result: SuiteResult) -> Verdict:
     """Judge the claim from the paired differences of each shared-augmented variant."""
     lines, outcomes = [], []
-    for method in result.methods:
+    for method in result.rows:
         family = method.split("[")[0]
         if family not in SHARED_METHODS:
             continue
@@ -63,13 +104,13 @@ def verdict(result: BenchmarkResult) -> Verdict:
     return Verdict(outcome, lines)
 
 
-def markdown_table(result: BenchmarkResult) -> str:
+def markdown_table(result: SuiteResult) -> str:
     """Test accuracy (%) per task, average, normalized, Δ vs task arithmetic: mean ± std."""
-    header = ["method", *result.tasks, "average", "normalized", "Δ vs TA", "wins"]
+    header = ["method", *result.metrics, "average", "normalized", "Δ vs TA", "wins"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in result.table():
+    for row in table(result):
         cells = [f"`{row['method']}`"]
-        cells += [_fmt(row[t]) for t in result.tasks]
+        cells += [_fmt(row[t]) for t in result.metrics]
         cells += [
             f"**{_fmt(row['average'])}**",
             _fmt(row["normalized"]),
@@ -80,18 +121,11 @@ def markdown_table(result: BenchmarkResult) -> str:
     return "\n".join(lines)
 
 
-def alignment_table(result: BenchmarkResult) -> str:
+def alignment_table(result: SuiteResult) -> str:
     """Per seed and split variant: agreement of the members' shared parts."""
-    header = [
-        "seed/variant",
-        "cos(shared) mean",
-        "min",
-        "max",
-        "cos(τ) mean",
-        "shared energy",
-    ]
+    header = ["seed/variant", "cos(shared) mean", "min", "max", "cos(τ) mean", "shared energy"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, stats in result.alignment.items():
+    for key, stats in result.diagnostics.items():
         lines.append(
             f"| {key} | {stats['cosine_mean']:.3f} | {stats['cosine_min']:.3f} | "
             f"{stats['cosine_max']:.3f} | {stats['task_vector_cosine_mean']:.3f} | "
@@ -100,9 +134,9 @@ def alignment_table(result: BenchmarkResult) -> str:
     return "\n".join(lines)
 
 
-def results_markdown(result: BenchmarkResult, context: dict[str, Any] | None = None) -> str:
-    """The whole RESULTS.md text. ``context`` adds lines to the set-up section (zoo config,
-    timings, the command that produced it)."""
+def results_markdown(result: SuiteResult, context: Mapping[str, Any] | None = None) -> str:
+    """The vision suite's section of RESULTS.md. ``context`` adds lines to the set-up
+    (zoo, timings, decomposition runs, the command that produced it)."""
     judged = verdict(result)
     statement = {
         "holds": f"**The claim holds here**: adding the shared parts gains at least "
@@ -112,47 +146,45 @@ def results_markdown(result: BenchmarkResult, context: dict[str, Any] | None = N
         "does not hold": f"**The claim does not hold here**: adding the shared parts does "
         f"not give the +{CLAIM_POINTS:g} points (nor a gain in every seed).",
     }[judged.outcome]
-    best = max(result.table(), key=lambda r: r["average"][0] if r["method"] != "individual" else -1)
-    split = result.settings.get("benchmark", {}).get("split", {})
+    rows = table(result)
+    best = max(rows, key=lambda r: r["average"][0] if r["method"] != "individual" else -1)
+    split = result.settings.get("split", {})
     setup = [
-        f"- tasks ({len(result.tasks)}): {', '.join(result.tasks)}",
-        f"- seeds (fine-tuning): {', '.join(map(str, result.seeds))}",
+        f"- tasks ({len(result.metrics)}): {', '.join(result.metrics)}",
+        f"- seeds (fine-tuning): {', '.join(f.removeprefix('seed-') for f in result.families)}",
         f"- split: {split.get('method')} with min_tasks={split.get('min_tasks')} "
         f"(threshold {split.get('threshold')}), ranks {split.get('rank')}, one-sided and "
         "two-sided; 1-D parameters kept whole in the unique part",
         "- coefficients chosen on the validation split (mean accuracy over tasks), "
         "accuracies on the test split, mean ± std over seeds",
     ]
-    for key, value in (context or {}).items():
-        setup.append(f"- {key}: {value}")
+    setup += [f"- {key}: {value}" for key, value in (context or {}).items()]
     return "\n".join(
         [
-            "# Vision suite results",
+            "## Vision suite",
             "",
-            "Written by `tasks.suites.vision.report.write_results`; regenerate, do not edit.",
+            f"Preset `{result.preset}`. Paper (Damirchi et al. 2025): adding the shared "
+            "components as extra task vectors improves multi-task merging by about 5 points.",
             "",
-            "## The claim",
-            "",
-            "Paper (Damirchi et al. 2025): adding the shared components as extra task vectors "
-            "improves multi-task merging by about 5 points.",
+            "### The claim",
             "",
             statement,
             "",
             *[f"- {line}" for line in judged.lines],
             f"- best merge on average: `{best['method']}` ({_fmt(best['average'])}%)",
             "",
-            "## Set-up",
+            "### Set-up",
             "",
             *setup,
             "",
-            "## Test accuracy (%)",
+            "### Test accuracy (%)",
             "",
             "Normalized = merged / individual per task; Δ vs TA = paired difference of the "
             "average against task arithmetic (points); wins = seeds where it is higher.",
             "",
             markdown_table(result),
             "",
-            "## Do the members' shared parts agree?",
+            "### Do the members' shared parts agree?",
             "",
             "Pairwise cosine between members' whole-model shared parts; cos(τ) is the same "
             "for the task vectors; shared energy = ‖s_i‖² / ‖τ_i‖², mean over members.",
@@ -163,23 +195,14 @@ def results_markdown(result: BenchmarkResult, context: dict[str, Any] | None = N
     )
 
 
-def write_results(
-    result: BenchmarkResult, path: str | Path, context: dict[str, Any] | None = None
-) -> Path:
-    """Write ``results_markdown`` to ``path`` (e.g. ``RESULTS.md``); returns the path."""
-    path = Path(path)
-    path.write_text(results_markdown(result, context), encoding="utf-8")
-    return path
-
-
-def bar_chart(result: BenchmarkResult, path: str | Path) -> Path:
+def bar_chart(result: SuiteResult, path: str | Path) -> Path:
     """A bar chart of the average test accuracy per method (mean ± std over seeds) as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result.table()
+    rows = table(result)
     names = [r["method"] for r in rows]
     means = [r["average"][0] for r in rows]
     stds = [r["average"][1] for r in rows]
@@ -188,7 +211,7 @@ def bar_chart(result: BenchmarkResult, path: str | Path) -> Path:
     axis.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
     axis.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=8)
     axis.set_ylabel("average test accuracy (%)")
-    axis.set_title(f"vision suite: {len(result.tasks)} tasks, {len(result.seeds)} seed(s)")
+    axis.set_title(f"vision suite: {len(result.metrics)} tasks, {len(result.families)} seed(s)")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
