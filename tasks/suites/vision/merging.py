@@ -1,12 +1,11 @@
-"""Merged backbones of one zoo family: the merge methods the suite compares, as state dicts.
+"""One zoo family in memory, for checks beside the pipeline: the task vectors read from the
+model folders, splits computed in memory, and how the members' shared parts agree.
 
 A ``Family`` holds the base's tensors and every member's task vector (τ_i = θ_i − θ0) in task
 order; ``split_family`` splits each parameter with ``tasks.decompose.decompose_layer`` (the
-pipeline's ``SplitSettings``), and ``merge`` builds θ0 + edit for one method and one set of
-coefficients, parameter by parameter, with ``tasks.edit.apply_edit`` (the subspace merges
-TSV-M, Iso-C and Iso-CTS included: they are registered edit methods, ``tasks.merges``). Guarantee: ``merge`` computes each merged tensor exactly as a
-single-parameter call of the edit function would, so a pipeline that writes the same edit
-into a model folder gives the same tensors.
+pipeline's ``SplitSettings``; the tests compare it with the stored decomposition runs);
+``shared_alignment`` is the vision suite's diagnostics. Merged models are not built here:
+every suite row is ``tasks.suites.edited.FamilyTensors`` through the ``tasks.edit`` registry.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 from tvsplit.tasks.decompose import decompose_layer
 from tvsplit.tasks.decompose_job import SplitSettings
-from tvsplit.tasks.edit import EditInputs, apply_edit, edit_delta
 
 State = dict[str, torch.Tensor]
 
@@ -68,44 +66,6 @@ def split_family(family: Family, settings: SplitSettings) -> dict[str, torch.Ten
         )
         shared[param] = split.shared
     return shared
-
-
-def edit_state(
-    family: Family,
-    method: str,
-    params: Mapping[str, Any],
-    shared: Mapping[str, torch.Tensor] | None = None,
-) -> State:
-    """θ0 + the registered edit ``method`` (``tasks.edit``) applied to every parameter."""
-    merged = {}
-    for param, base in family.base.items():
-        parts = None if shared is None else tuple(shared[param].unbind(0))
-        inputs = EditInputs(base, family.vectors[param], shared=parts, name=param)
-        merged[param] = apply_edit(method, inputs, dict(params))
-    return merged
-
-
-SUBSPACE_METHODS = ("tsv_m", "iso_c", "iso_cts")  # registered by ``tasks.merges``
-
-
-def subspace_delta(family: Family, method: str, params: Mapping[str, Any] | None = None) -> State:
-    """The unscaled merged delta (λ = 1) of a registered subspace merge (``tsv_m``,
-    ``iso_c``, ``iso_cts``) with ``params``, per parameter: computed once, then scaled by
-    ``scaled_state`` for every λ of a grid (θ0 + λ · delta is exactly what ``apply_edit``
-    gives for ``{"scale": λ}``, since these methods are λ times their λ = 1 delta)."""
-    settings = {**dict(params or {}), "scale": 1.0}
-    return {
-        param: edit_delta(method, EditInputs(family.base[param], vectors, name=param), settings)
-        for param, vectors in family.vectors.items()
-    }
-
-
-def scaled_state(family: Family, delta: Mapping[str, torch.Tensor], scale: float) -> State:
-    """θ0 + scale · delta, in the base's dtypes."""
-    return {
-        param: (base.float() + scale * delta[param].float()).to(base.dtype)
-        for param, base in family.base.items()
-    }
 
 
 def shared_alignment(family: Family, shared: Mapping[str, torch.Tensor]) -> dict[str, Any]:
