@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from tvsplit.tasks.decompose import (
     split_from_bases,
     split_to_arrays,
 )
+from tvsplit.tasks.pipeline import pipelined
 from tvsplit.tasks.split_settings import SplitSettings, digest
 from tvsplit.tasks.worker_threads import share_cores
 
@@ -236,20 +236,6 @@ def _own_memory(tensor: torch.Tensor, buffer: torch.Tensor | list) -> torch.Tens
     return tensor
 
 
-READ_AHEAD = 2  # parameters read while one is split: hides a large read behind a small split
-READ_AHEAD_BYTES = 512 << 20  # beyond the next parameter, no more than this read ahead
-WRITES_IN_FLIGHT = 4  # results (small: bases and coefficients) queued for the writer
-
-
-def may_read_ahead(in_flight: Sequence[int], following: int) -> bool:
-    """Whether to start reading a parameter of `following` bytes while reads of
-    `in_flight` bytes are not yet split: always when nothing is (it is needed next), else
-    while fewer than ``READ_AHEAD`` are and all of them fit in ``READ_AHEAD_BYTES``."""
-    if not in_flight:
-        return True
-    return len(in_flight) < READ_AHEAD and sum(in_flight) + following <= READ_AHEAD_BYTES
-
-
 def decompose_parameters(
     catalogue_url: str,
     family: str,
@@ -260,9 +246,9 @@ def decompose_parameters(
     settings: SplitSettings,
     device: str = "auto",
 ) -> tuple[list[dict[str, Any]], dict[str, Exception]]:
-    """Split each of ``names`` and write it into ``run``, pipelined: while one parameter is
-    split, the next ones are read (one reader thread) and the previous results written (one
-    writer thread, in order).
+    """Split each of ``names`` and write it into ``run``, pipelined (`tasks.pipeline`): while
+    one parameter is split, the next ones are read (one reader thread) and the previous
+    results written (one writer thread, in order).
 
     Returns the reports of the parameters written and the error of each that failed (the
     others go on). Memory is bounded whatever the number of parameters: the slices of the
@@ -271,10 +257,9 @@ def decompose_parameters(
     ``READ_AHEAD_BYTES``; a reusable buffer or two per recurring shape; and
     ``WRITES_IN_FLIGHT`` compact results.
     """
-    reports: list[dict[str, Any]] = []
     failures: dict[str, Exception] = {}
     if not names:
-        return reports, failures
+        return [], failures
     job = _Job(catalogue_url, family, run, members, fingerprints, settings, device)
     shapes = {}
     for name in names:
@@ -284,50 +269,16 @@ def decompose_parameters(
             failures[name] = error
     job.buffers.expect(list(shapes.values()))
     size = {name: job.nbytes(name) for name in shapes}
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="tvsplit-read") as reading,
-        ThreadPoolExecutor(1, thread_name_prefix="tvsplit-write") as writing,
-    ):
-        upcoming = deque(name for name in names if name in shapes)
-        reads: deque[tuple[str, Future]] = deque()
-        writes: deque[tuple[str, Future]] = deque()
-
-        def read_ahead() -> None:
-            while upcoming and may_read_ahead([size[n] for n, _ in reads], size[upcoming[0]]):
-                following = upcoming.popleft()
-                reads.append((following, reading.submit(job.load, following, shapes[following])))
-
-        read_ahead()
-        while reads:
-            name, loading = reads.popleft()
-            read_ahead()  # while this one is split
-            try:
-                inputs = loading.result()
-            except Exception as error:  # collected: the rest go on
-                failures[name] = error
-                continue
-            try:
-                outputs = job.split(inputs)
-            except Exception as error:
-                failures[name] = error
-                continue
-            finally:
-                job.buffers.give(inputs.deltas)
-            writes.append((name, writing.submit(job.write, outputs)))
-            while len(writes) > WRITES_IN_FLIGHT:
-                _collect(*writes.popleft(), reports, failures)
-        while writes:
-            _collect(*writes.popleft(), reports, failures)
+    reports = pipelined(
+        [name for name in names if name in shapes],
+        lambda name: job.load(name, shapes[name]),
+        job.split,
+        job.write,
+        nbytes=size.__getitem__,
+        release=lambda inputs: job.buffers.give(inputs.deltas),
+        failures=failures,
+    )
     return reports, failures
-
-
-def _collect(
-    name: str, writing: Future, reports: list[dict[str, Any]], failures: dict[str, Exception]
-) -> None:
-    try:
-        reports.append(writing.result())
-    except Exception as error:
-        failures[name] = error
 
 
 class BatchError(RuntimeError):

@@ -144,15 +144,6 @@ def test_a_failing_cache_write_costs_no_result(family, monkeypatch):
     assert DecompositionRun(cat, "fam", run).completed() == set(PARAMS)
 
 
-def test_read_ahead_is_bounded_in_count_and_bytes():
-    budget = job.READ_AHEAD_BYTES
-    assert job.may_read_ahead([], 10 * budget)  # the next parameter is read whatever its size
-    assert job.may_read_ahead([1] * (job.READ_AHEAD - 1), 1)
-    assert not job.may_read_ahead([1] * job.READ_AHEAD, 1)
-    assert not job.may_read_ahead([budget // 2], budget // 2 + 1)
-    assert not job.may_read_ahead([10 * budget], 1)  # nothing more beside an embedding
-
-
 def test_a_family_in_an_fsspec_store():
     cat, vectors = _write_family("memory://tvsplit-job-test/catalogue.zarr")
     settings = SplitSettings()
