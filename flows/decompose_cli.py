@@ -180,9 +180,10 @@ def edit_command(
     from tvsplit.tasks.adapter_edit import AdapterEditError
     from tvsplit.tasks.edit import EditError
     from tvsplit.tasks.edit_job import EditPlanError
+    from tvsplit.tasks.stages import stage
 
     try:
-        with prefect_run_settings():
+        with prefect_run_settings(), stage("flow"):
             result = edit_model(
                 recipe,
                 output=out,

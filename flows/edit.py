@@ -29,6 +29,7 @@ from tvsplit.storage.sources import open_source
 from tvsplit.tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
 from tvsplit.tasks.lora_export import LoraExport
 from tvsplit.tasks.lora_targets import LoraTargetError, LoraTargets, lora_targets
+from tvsplit.tasks.stages import stage, timed
 
 
 @dataclass
@@ -141,7 +142,8 @@ def write_edited_model(
             else:
                 result.copied[name] = how
             progress.advance(job)
-        writer.close()
+        with stage("writing"):
+            writer.close()
         if export is not None and export.ranks:
             report = export.write(
                 adapter, base_model_name_or_path=recipe.base, replacement=replacement
@@ -193,7 +195,6 @@ def _lora_plan(recipe: Recipe, base: Any, edited: frozenset[str]) -> LoraTargets
         raise EditPlanError(f"recipe {error}") from None
 
 
-@flow(name="tvsplit-edit", log_prints=True)
 def claim_output(target: Path) -> Lease:
     """Take the lease of an edit's output folder (`storage.lease.folder_lease`): while
     another live process writes it, wait, saying once who that is."""
@@ -209,6 +210,8 @@ def claim_output(target: Path) -> Lease:
     return lease.acquire(on_wait=waiting)
 
 
+@flow(name="tvsplit-edit", log_prints=True)
+@timed("flow body")
 def edit_model(
     recipe_path: str,
     output: str | None = None,
@@ -244,36 +247,42 @@ def edit_model(
     finally:
         lease.release()
     if track:
-        import mlflow
-
-        use_experiment("tvsplit-edit", settings)
-        with mlflow.start_run(run_name=f"{recipe.family}/{recipe.method}") as active:
-            mlflow.log_params(
-                {
-                    "method": recipe.method,
-                    "family": recipe.family,
-                    "decomposition": recipe.decomposition or "",
-                    "members": ",".join(recipe.member_names),
-                    "base": recipe.base,
-                    "output": str(target.resolve()),
-                    **{f"params.{k}": v for k, v in recipe.params.items()},
-                }
-            )
-            mlflow.log_dict(recipe.model_dump(exclude_none=True), "recipe.json")
-            mlflow.log_dict(
-                {
-                    "sources": result.sources,
-                    "catalogue": settings.catalogue,
-                    "output": str(target.resolve()),
-                },
-                "lineage.json",
-            )
-            mlflow.log_metrics(
-                {"edited_parameters": len(result.edited), "copied_tensors": len(result.copied)}
-            )
-            if result.lora_max_error is not None:
-                mlflow.log_metric("lora_max_relative_error", result.lora_max_error)
-            if (target / "README.md").is_file():
-                mlflow.log_artifact(str(target / "README.md"))
-            result.mlflow_run_id = active.info.run_id
+        with stage("tracking"):
+            _track_edit(recipe, settings, target, result)
     return result
+
+
+def _track_edit(recipe: Recipe, settings: Any, target: Path, result: EditResult) -> None:
+    """Record the recipe, its lineage and what was written in one MLflow run."""
+    import mlflow
+
+    use_experiment("tvsplit-edit", settings)
+    with mlflow.start_run(run_name=f"{recipe.family}/{recipe.method}") as active:
+        mlflow.log_params(
+            {
+                "method": recipe.method,
+                "family": recipe.family,
+                "decomposition": recipe.decomposition or "",
+                "members": ",".join(recipe.member_names),
+                "base": recipe.base,
+                "output": str(target.resolve()),
+                **{f"params.{k}": v for k, v in recipe.params.items()},
+            }
+        )
+        mlflow.log_dict(recipe.model_dump(exclude_none=True), "recipe.json")
+        mlflow.log_dict(
+            {
+                "sources": result.sources,
+                "catalogue": settings.catalogue,
+                "output": str(target.resolve()),
+            },
+            "lineage.json",
+        )
+        mlflow.log_metrics(
+            {"edited_parameters": len(result.edited), "copied_tensors": len(result.copied)}
+        )
+        if result.lora_max_error is not None:
+            mlflow.log_metric("lora_max_relative_error", result.lora_max_error)
+        if (target / "README.md").is_file():
+            mlflow.log_artifact(str(target / "README.md"))
+        result.mlflow_run_id = active.info.run_id

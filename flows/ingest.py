@@ -34,6 +34,7 @@ from tvsplit.storage.errors import StorageError, validation_problems
 from tvsplit.storage.names import check_node_name
 from tvsplit.storage.sources import parse_source
 from tvsplit.tasks.ingest import FAILED, IngestJob, IngestResult, ingest_source
+from tvsplit.tasks.stages import stage, timed
 from tvsplit.tasks.task_vector import TaskVectorError
 
 NOT_RUN = "not run"
@@ -155,6 +156,7 @@ class RichIngestProgress:
 
 
 @flow(name="tvsplit-ingest", log_prints=False, validate_parameters=False)
+@timed("flow body")
 def ingest_flow(
     spec: CatalogueSpec,
     catalogue: str,
@@ -249,9 +251,10 @@ def ingest(
     """
     if not isinstance(spec, CatalogueSpec):
         spec = load_spec(spec)
-    rows = ingest_flow(
-        spec, catalogue, allow_pickle=allow_pickle, progress=progress, replace=replace
-    )
+    with stage("flow"):
+        rows = ingest_flow(
+            spec, catalogue, allow_pickle=allow_pickle, progress=progress, replace=replace
+        )
     if any(r["status"] in (FAILED, NOT_RUN) for r in rows):
         raise IngestFailedError(rows)
     return rows

@@ -8,7 +8,8 @@ For every tensor of the base checkpoint, in its order:
 - any other tensor (a parameter the family excluded, such as per-member heads): copied from
   the base, or from the member the recipe names in ``excluded_from``.
 
-At most one parameter's base, vectors and parts are held at a time.
+Reading, computing and writing overlap (`edited_tensors`); the catalogue entries are
+opened once per edit. Memory is bounded by a few parameters' inputs, never the model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tvsplit.storage.decompositions import DecompositionRun
 from tvsplit.storage.errors import CatalogueError
 from tvsplit.tasks.decompose import shared_from_arrays
 from tvsplit.tasks.edit import EditInputs, apply_edit
+from tvsplit.tasks.pipeline import computed_ahead
 
 
 class EditPlanError(ValueError):
@@ -97,18 +99,42 @@ def plan_edit(
     )
 
 
-def edit_inputs(plan: EditPlan, catalogue: Catalogue, name: str, base: torch.Tensor) -> EditInputs:
+class _Readers:
+    """The catalogue entries and the decomposition run of a plan, opened once for all the
+    parameters an edit reads (each entry checked complete when opened)."""
+
+    def __init__(self, plan: EditPlan, catalogue: Catalogue) -> None:
+        self.vectors = [catalogue.open_entry(plan.family, m) for m in plan.members]
+        self.run = None if plan.run is None else DecompositionRun(catalogue, plan.family, plan.run)
+
+    def nbytes(self, name: str) -> int:
+        """What reading parameter `name` holds in memory: the base and the members' vectors
+        (0 when it cannot be told: reading it then raises the real error, in its turn)."""
+        try:
+            return (1 + len(self.vectors)) * self.vectors[0].stored_bytes(name)
+        except (CatalogueError, IndexError):
+            return 0
+
+
+def edit_inputs(
+    plan: EditPlan,
+    catalogue: Catalogue,
+    name: str,
+    base: torch.Tensor,
+    readers: _Readers | None = None,
+) -> EditInputs:
     """One parameter's inputs: τ_i from the catalogue, and s_i, u_i from the run if any."""
-    vectors = [catalogue.read(plan.family, name, member=m) for m in plan.members]
+    readers = readers or _Readers(plan, catalogue)
+    vectors = [entry.read(name) for entry in readers.vectors]
     for member, vector in zip(plan.members, vectors, strict=True):
         if vector.shape != base.shape:
             raise EditPlanError(
                 f"{name!r}: member {member!r} has shape {tuple(vector.shape)} in the catalogue "
                 f"but the base has {tuple(base.shape)}; is `base` the family's base?"
             )
-    if plan.run is None:
+    if readers.run is None:
         return EditInputs(base=base, vectors=tuple(vectors), name=name)
-    stored = DecompositionRun(catalogue, plan.family, plan.run).read_parameter(name)
+    stored = readers.run.read_parameter(name)
     shared = tuple(
         shared_from_arrays(stored.arrays, stored.diagnostics, plan.run_members.index(m), v)
         for m, v in zip(plan.members, vectors, strict=True)
@@ -121,19 +147,42 @@ def edited_tensors(
     base: Mapping[str, torch.Tensor],
     fallback: Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield ``(name, tensor, how)`` for every tensor of ``base``: ``how`` is ``"edited"``
-    for family parameters, else ``"base"`` or ``"member"`` (taken from ``fallback``)."""
+    """Yield ``(name, tensor, how)`` for every tensor of ``base``, in its order: ``how`` is
+    ``"edited"`` for family parameters, else ``"base"`` or ``"member"`` (taken from
+    ``fallback``).
+
+    Pipelined (`tasks.pipeline.computed_ahead`): the next tensors' inputs are read on a
+    reader thread and the edits computed on a compute thread while the caller writes the
+    previous ones, so an edit costs about what its reading and writing cost. Memory: the
+    parameter computed, the next one's inputs (more only within the read-ahead budget) and
+    a few results waiting for the caller. The first error is raised to the caller; stopping
+    early stops the threads."""
     catalogue = Catalogue(plan.catalogue_url)
-    for name in base:
+    readers = _Readers(plan, catalogue)
+    names = list(base)
+
+    def edited(name: str) -> bool:
+        return name in plan.family_parameters
+
+    def read(name: str) -> tuple[str, Any, str]:
         tensor = base[name]
-        if name in plan.family_parameters and tensor.is_floating_point():
-            inputs = edit_inputs(plan, catalogue, name, tensor)
-            edited = apply_edit(plan.method, inputs, plan.method_params, list(plan.member_params))
-            yield name, edited, "edited"
-        elif fallback is not None and name in fallback:
-            yield name, fallback[name].to(tensor.dtype), "member"
-        else:
-            yield name, tensor, "base"
+        if edited(name) and tensor.is_floating_point():
+            return name, edit_inputs(plan, catalogue, name, tensor, readers), "edited"
+        if fallback is not None and name in fallback:
+            return name, fallback[name].to(tensor.dtype), "member"
+        return name, tensor, "base"
+
+    def compute(item: tuple[str, Any, str]) -> tuple[str, torch.Tensor, str]:
+        name, value, how = item
+        if how != "edited":
+            return item
+        members = list(plan.member_params)
+        return name, apply_edit(plan.method, value, plan.method_params, members), how
+
+    def nbytes(name: str) -> int:
+        return readers.nbytes(name) if edited(name) else 0
+
+    yield from computed_ahead(names, read, compute, nbytes=nbytes)
 
 
 def _entry_source(info) -> dict[str, Any]:

@@ -3,8 +3,11 @@
 ``pipelined(items, read, compute, write)`` runs ``write(compute(read(item)))`` for every
 item, in order, with ``read`` on one reader thread (the next items read while one is
 computed), ``compute`` on the calling thread and ``write`` on one writer thread (the previous
-results written while the next is computed). The decomposition job (`tasks.decompose_job`)
-and the edit job (`tasks.edit_job`) both run on it.
+results written while the next is computed); the decomposition job (`tasks.decompose_job`)
+runs on it. ``computed_ahead(items, read, compute)`` is the same pipeline for a caller that
+writes the results itself as it iterates (the edit job, `tasks.edit_job`, whose flow owns
+the model folder being written): reads on a reader thread, the compute on a compute thread,
+the caller's writing beside them.
 
 Guarantees:
 
@@ -25,14 +28,25 @@ This module imports nothing heavy.
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from typing import TypeVar
 
-from tvsplit.tasks.stages import stage
+from tvsplit.tasks.stages import add, stage
 
-__all__ = ["READ_AHEAD", "READ_AHEAD_BYTES", "WRITES_IN_FLIGHT", "may_read_ahead", "pipelined"]
+__all__ = [
+    "READ_AHEAD",
+    "READ_AHEAD_BYTES",
+    "WRITES_IN_FLIGHT",
+    "computed_ahead",
+    "may_read_ahead",
+    "pipelined",
+]
 
 K = TypeVar("K", bound=Hashable)
 I = TypeVar("I")  # noqa: E741 (what `read` returns)
@@ -63,6 +77,60 @@ def _timed(name: str, function: Callable, *args):
         return function(*args)
 
 
+def _computed(
+    items: Sequence[K],
+    read: Callable[[K], I],
+    compute: Callable[[I], O],
+    reading: ThreadPoolExecutor,
+    *,
+    nbytes: Callable[[K], int] | None,
+    release: Callable[[I], None] | None,
+    failures: dict[K, Exception] | None,
+    read_ahead: int,
+    read_ahead_bytes: int,
+) -> Iterator[tuple[K, O]]:
+    """``(item, compute(read(item)))`` in order, reads running ahead on ``reading``; the one
+    core of both pipelines. Closing it early cancels the reads not yet started."""
+    sizes = {item: (nbytes(item) if nbytes is not None else 0) for item in items}
+    upcoming = deque(items)
+    reads: deque[tuple[K, Future]] = deque()
+
+    def start_reads() -> None:
+        while upcoming and may_read_ahead(
+            [sizes[n] for n, _ in reads], sizes[upcoming[0]], read_ahead, read_ahead_bytes
+        ):
+            following = upcoming.popleft()
+            reads.append((following, reading.submit(_timed, "reading", read, following)))
+
+    try:
+        start_reads()
+        while reads:
+            item, loading = reads.popleft()
+            start_reads()  # while this one is computed
+            try:
+                inputs = loading.result()
+            except Exception as error:
+                if failures is None:
+                    raise
+                failures[item] = error
+                continue
+            try:
+                outputs = _timed("compute", compute, inputs)
+            except Exception as error:
+                if failures is None:
+                    raise
+                failures[item] = error
+                continue
+            finally:
+                if release is not None:
+                    release(inputs)
+            yield item, outputs
+    finally:  # an error, or the consumer stopped: nothing more is read
+        upcoming.clear()
+        for _, future in reads:
+            future.cancel()
+
+
 def pipelined(
     items: Sequence[K],
     read: Callable[[K], I],
@@ -80,21 +148,11 @@ def pipelined(
     returns what ``write`` returned for the items written, in order. ``release(inputs)`` is
     called once ``compute`` is done with what ``read`` returned (to reuse its buffers)."""
     results: list[R] = []
-    sizes = {item: (nbytes(item) if nbytes is not None else 0) for item in items}
     with (
         ThreadPoolExecutor(1, thread_name_prefix="tvsplit-read") as reading,
         ThreadPoolExecutor(1, thread_name_prefix="tvsplit-write") as writing,
     ):
-        upcoming = deque(items)
-        reads: deque[tuple[K, Future]] = deque()
         writes: deque[tuple[K, Future]] = deque()
-
-        def start_reads() -> None:
-            while upcoming and may_read_ahead(
-                [sizes[n] for n, _ in reads], sizes[upcoming[0]], read_ahead, read_ahead_bytes
-            ):
-                following = upcoming.popleft()
-                reads.append((following, reading.submit(_timed, "reading", read, following)))
 
         def collect(item: K, future: Future) -> None:
             try:
@@ -104,36 +162,85 @@ def pipelined(
                     raise
                 failures[item] = error
 
+        computed = _computed(
+            items, read, compute, reading, nbytes=nbytes, release=release, failures=failures,
+            read_ahead=read_ahead, read_ahead_bytes=read_ahead_bytes,
+        )  # fmt: skip
         try:
-            start_reads()
-            while reads:
-                item, loading = reads.popleft()
-                start_reads()  # while this one is computed
-                try:
-                    inputs = loading.result()
-                except Exception as error:
-                    if failures is None:
-                        raise
-                    failures[item] = error
-                    continue
-                try:
-                    outputs = _timed("compute", compute, inputs)
-                except Exception as error:
-                    if failures is None:
-                        raise
-                    failures[item] = error
-                    continue
-                finally:
-                    if release is not None:
-                        release(inputs)
+            for item, outputs in computed:
                 writes.append((item, writing.submit(_timed, "writing", write, outputs)))
                 while len(writes) > writes_in_flight:
                     collect(*writes.popleft())
             while writes:
                 collect(*writes.popleft())
         except BaseException:
-            upcoming.clear()  # nothing more is read once an error is raised
-            for _, future in (*reads, *writes):
+            computed.close()
+            for _, future in writes:
                 future.cancel()
             raise
     return results
+
+
+_DONE = object()
+
+
+def computed_ahead(
+    items: Sequence[K],
+    read: Callable[[K], I],
+    compute: Callable[[I], O],
+    *,
+    nbytes: Callable[[K], int] | None = None,
+    read_ahead: int = READ_AHEAD,
+    read_ahead_bytes: int = READ_AHEAD_BYTES,
+    queued: int = WRITES_IN_FLIGHT,
+    consumer_stage: str = "writing",
+) -> Iterator[O]:
+    """``compute(read(item))`` for each item, in order, for a caller that writes them itself:
+    the same pipeline with the roles of the threads moved, so that the caller's own sink
+    needs no callback: reads run ahead on a reader thread, the compute on a compute thread,
+    and the caller consumes (writes) the results beside them, at most ``queued`` results
+    waiting for it. The caller's time between results is added to ``consumer_stage``. The
+    first error is raised to the caller; stopping early (``close``, an exception in the
+    caller) stops the threads and reads nothing more."""
+    handover: queue.Queue = queue.Queue(maxsize=max(1, queued))
+    stop = threading.Event()
+
+    def put(value: object) -> None:
+        while not stop.is_set():
+            try:
+                handover.put(value, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="tvsplit-read") as reading:
+                computed = _computed(
+                    items, read, compute, reading, nbytes=nbytes, release=None, failures=None,
+                    read_ahead=read_ahead, read_ahead_bytes=read_ahead_bytes,
+                )  # fmt: skip
+                with closing(computed):
+                    for _, outputs in computed:
+                        if stop.is_set():
+                            return
+                        put((outputs,))
+            put(_DONE)
+        except BaseException as error:  # handed to the caller
+            put(error)
+
+    producer = threading.Thread(target=produce, name="tvsplit-compute", daemon=True)
+    producer.start()
+    try:
+        while True:
+            value = handover.get()
+            if value is _DONE:
+                return
+            if isinstance(value, BaseException):
+                raise value
+            start = time.perf_counter()
+            yield value[0]
+            add(consumer_stage, time.perf_counter() - start)
+    finally:
+        stop.set()
+        producer.join()

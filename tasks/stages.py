@@ -20,12 +20,17 @@ call: their difference is added to ``orchestration`` when the file is written).
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 ENV = "TVSPLIT_STAGES"
 
@@ -54,6 +59,21 @@ def stage(name: str) -> Iterator[None]:
         yield
     finally:
         add(name, time.perf_counter() - start)
+
+
+def timed(name: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """Decorator: time every call of the function into stage ``name`` (the signature is kept,
+    so it can sit under Prefect's ``@flow``: ``@flow(...)`` then ``@timed("flow body")``)."""
+
+    def decorate(function: Callable[P, T]) -> Callable[P, T]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            with stage(name):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def snapshot() -> dict[str, float]:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 from tvsplit.tasks import pipeline, stages
-from tvsplit.tasks.pipeline import may_read_ahead, pipelined
+from tvsplit.tasks.pipeline import computed_ahead, may_read_ahead, pipelined
 
 
 def test_read_ahead_is_bounded_in_count_and_bytes():
@@ -123,3 +123,41 @@ def test_stages_record_busy_time(monkeypatch):
     monkeypatch.setattr(stages, "_totals", {})
     pipelined([1, 2], lambda i: i, lambda i: i, lambda i: i)
     assert {"reading", "compute", "writing"} <= set(stages.snapshot())
+
+
+def test_computed_ahead_yields_in_order_computing_beside_the_caller():
+    caller = threading.current_thread().name
+    seen: set[str] = set()
+
+    def compute(i):
+        seen.add(threading.current_thread().name)
+        return i + 100
+
+    assert list(computed_ahead(range(30), lambda i: i, compute)) == [i + 100 for i in range(30)]
+    assert caller not in seen and len(seen) == 1
+
+
+def test_computed_ahead_holds_a_bounded_queue_for_a_slow_caller():
+    computed: list[int] = []
+    results = computed_ahead(range(1000), lambda i: i, lambda i: computed.append(i) or i)
+    assert next(results) == 0
+    threading.Event().wait(0.3)  # the compute thread runs ahead, up to the queue's bound
+    ahead = len(computed)
+    assert ahead <= pipeline.WRITES_IN_FLIGHT + 3  # queued + the one handed over + one computing
+    results.close()  # the caller stops: nothing more is computed or read
+    stopped = len(computed)
+    threading.Event().wait(0.2)
+    assert len(computed) == stopped < 1000
+
+
+def test_computed_ahead_raises_the_first_error_to_the_caller():
+    def compute(i):
+        if i == 6:
+            raise ValueError("bad 6")
+        return i
+
+    got: list[int] = []
+    with pytest.raises(ValueError, match="bad 6"):
+        for value in computed_ahead(range(50), lambda i: i, compute):
+            got.append(value)
+    assert got == list(range(6))
