@@ -28,13 +28,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 from tvsplit.storage.errors import CatalogueError
 from tvsplit.storage.integrity import MANIFEST, manifest_of, read_checked, warn_once
+from tvsplit.storage.lazy import lazy_module
 from tvsplit.storage.lowrank import LAYOUT as FACTORS
 from tvsplit.storage.lowrank import LowRankDelta
 from tvsplit.storage.names import check_node_name, param_key, param_name
@@ -61,6 +61,11 @@ from zarr.abc.store import Store
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.errors import GroupNotFoundError
 from zarr.storage import FsspecStore, LocalStore
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
 
 Rows = slice | int | None
 REFERENCE = "reference"  # the ``layout`` attr of a parameter kept by reference to its file

@@ -21,10 +21,9 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.errors import CatalogueError
@@ -35,6 +34,7 @@ from tvsplit.storage.integrity import (
     manifest_of,
     read_checked,
 )
+from tvsplit.storage.lazy import lazy_module
 from tvsplit.storage.names import check_node_name, param_key, param_name
 from tvsplit.storage.provenance import tvsplit_version, utc_now
 from tvsplit.storage.writes import (
@@ -48,7 +48,12 @@ from tvsplit.storage.writes import (
     write_group,
 )
 
-ArrayMap = Mapping[str, torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
+
+ArrayMap = Mapping[str, "torch.Tensor"]
 logger = logging.getLogger(__name__)
 
 

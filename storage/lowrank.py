@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from tvsplit.storage.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
+
 
 LAYOUT = "lora-factors"  # the ``layout`` attr of a ΔW stored as factors
 

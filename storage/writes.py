@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 from tvsplit.storage.integrity import MANIFEST, checksum_codec, chunk_manifest
+from tvsplit.storage.lazy import lazy_module
 from zarr.codecs import ZstdCodec
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
 
 ATTRS = "tvsplit"
 COMPLETE = "complete"

@@ -35,11 +35,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tvsplit.storage.errors import format_validation_error
+from tvsplit.storage.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
 
 __all__ = [
     "EditError",
@@ -372,7 +377,7 @@ class GeneralParams(ScaleParams):
     normalize: bool = True
 
 
-EditFunction = Callable[[EditInputs, Any, Sequence[Any]], torch.Tensor]
+EditFunction = Callable[[EditInputs, Any, Sequence[Any]], "torch.Tensor"]
 
 
 @dataclass(frozen=True)

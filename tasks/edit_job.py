@@ -16,16 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import DecompositionRun
 from tvsplit.storage.errors import CatalogueError
-from tvsplit.tasks.decompose import shared_from_arrays
+from tvsplit.storage.lazy import lazy_module
 from tvsplit.tasks.edit import EditInputs, apply_edit
 from tvsplit.tasks.pipeline import computed_ahead
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
 
 
 class EditPlanError(ValueError):
@@ -134,6 +138,8 @@ def edit_inputs(
             )
     if readers.run is None:
         return EditInputs(base=base, vectors=tuple(vectors), name=name)
+    from tvsplit.tasks.decompose import shared_from_arrays  # torch: only for a run's parts
+
     stored = readers.run.read_parameter(name)
     shared = tuple(
         shared_from_arrays(stored.arrays, stored.diagnostics, plan.run_members.index(m), v)
