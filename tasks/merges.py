@@ -41,11 +41,16 @@ row or column) is the mean of the task vectors, as in both papers' code. Compute
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
+from tvsplit.storage.lazy import lazy_module
 from tvsplit.tasks.edit import EditError, EditInputs, MemberParams, ScaleParams, register
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
 
 __all__ = [
     "IsoCtsParams",
