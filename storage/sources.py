@@ -12,6 +12,8 @@ the kohya / A1111 LoRA layout (or a folder holding only such a file) is a Stable
 LoRA, read with diffusers' loader (`storage.kohya`); otherwise it is a model.
 A ``.safetensors`` file whose metadata has ``tvsplit.kind = task_vector`` (what tvsplit
 writes) is a ready task vector. Pickle checkpoints are refused unless `allow_pickle`.
+Each of these is a registered source kind (`storage.source_kinds`, registered at the end of
+this module); another package adds kinds through the ``tvsplit.sources`` entry point group.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tvsplit.storage.hub import check_repo_id, fetch
 from tvsplit.storage.kohya import is_kohya_file
 from tvsplit.storage.lora import ADAPTER_CONFIG, LoraAdapter
 from tvsplit.storage.provenance import sha256_file
+from tvsplit.storage.source_kinds import open_with_kind, register_source_kind
 
 SourceKind = Literal["model", "lora", "delta"]
 DELTA_PREFIX = "delta:"
@@ -135,27 +138,60 @@ def open_source(source: str | SourceRef, *, allow_pickle: bool = False) -> Opene
 
 
 def _open_location(ref: SourceRef, location: Path, *, allow_pickle: bool) -> OpenedSource:
-    if location.is_file() and is_kohya_file(location):
-        return _kohya_source(ref, location)
-    if location.is_file():
-        checkpoint = Checkpoint.from_file(location, allow_pickle=allow_pickle)
-        kind: SourceKind = "delta" if ref.delta or _is_task_vector(location) else "model"
-        return OpenedSource(ref, kind, location, checkpoint=checkpoint, files=[location])
-    if (location / ADAPTER_CONFIG).is_file():
-        if ref.delta:
-            raise SourceError(f"{location}: a LoRA adapter cannot be read as a ready task vector")
-        adapter = LoraAdapter(location, allow_pickle=allow_pickle)
-        return OpenedSource(ref, "lora", location, adapter=adapter, files=adapter.files)
-    weights = sorted(location.glob("*.safetensors"))
-    if len(weights) == 1 and is_kohya_file(weights[0]):
-        return _kohya_source(ref, weights[0])
+    return open_with_kind(ref, location, allow_pickle=allow_pickle)
+
+
+# -- the built-in source kinds (storage.source_kinds: specific ones first, catch-alls last) --
+def _kohya_file(ref: SourceRef, location: Path, *, allow_pickle: bool) -> OpenedSource:
+    return _kohya_source(ref, location)
+
+
+def _peft_adapter(ref: SourceRef, location: Path, *, allow_pickle: bool) -> OpenedSource:
+    if ref.delta:
+        raise SourceError(f"{location}: a LoRA adapter cannot be read as a ready task vector")
+    adapter = LoraAdapter(location, allow_pickle=allow_pickle)
+    return OpenedSource(ref, "lora", location, adapter=adapter, files=adapter.files)
+
+
+def _only_weights_file(folder: Path) -> Path | None:
+    weights = sorted(folder.glob("*.safetensors"))
+    return weights[0] if len(weights) == 1 else None
+
+
+def _kohya_folder(ref: SourceRef, location: Path, *, allow_pickle: bool) -> OpenedSource:
+    weights = _only_weights_file(location)
+    assert weights is not None
+    return _kohya_source(ref, weights)
+
+
+def _weights_file(ref: SourceRef, location: Path, *, allow_pickle: bool) -> OpenedSource:
+    checkpoint = Checkpoint.from_file(location, allow_pickle=allow_pickle)
+    kind: SourceKind = "delta" if ref.delta or _is_task_vector(location) else "model"
+    return OpenedSource(ref, kind, location, checkpoint=checkpoint, files=[location])
+
+
+def _model_folder(ref: SourceRef, location: Path, *, allow_pickle: bool) -> OpenedSource:
     checkpoint = _folder_checkpoint(location, allow_pickle=allow_pickle)
-    kind = "delta" if ref.delta else "model"
+    kind: SourceKind = "delta" if ref.delta else "model"
     files = checkpoint.files
     index = Path(checkpoint.label)
     if index.suffix == ".json":
         files = [index, *files]
     return OpenedSource(ref, kind, location, checkpoint=checkpoint, files=files)
+
+
+def _is_kohya_folder(location: Path) -> bool:
+    if not location.is_dir():
+        return False
+    weights = _only_weights_file(location)
+    return weights is not None and is_kohya_file(weights)
+
+
+register_source_kind("kohya-file", lambda p: p.is_file() and is_kohya_file(p), _kohya_file)
+register_source_kind("peft-adapter", lambda p: (p / ADAPTER_CONFIG).is_file(), _peft_adapter)
+register_source_kind("kohya-folder", _is_kohya_folder, _kohya_folder)
+register_source_kind("weights-file", Path.is_file, _weights_file, catch_all=True)
+register_source_kind("model-folder", Path.is_dir, _model_folder, catch_all=True)
 
 
 def _kohya_source(ref: SourceRef, path: Path) -> OpenedSource:

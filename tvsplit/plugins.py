@@ -6,12 +6,12 @@ A package registers tvsplit extensions by naming, in its metadata, a module to i
     [project.entry-points."tvsplit.estimators"]
     my-estimator = "my_package.estimator"        # importing it calls register_estimator
 
-Groups: ``tvsplit.estimators`` (`tasks.estimators.register_estimator`) and
-``tvsplit.edit_methods`` (`tasks.edit.register`), whose registries call
+Groups: ``tvsplit.estimators`` (`tasks.estimators.register_estimator`),
+``tvsplit.edit_methods`` (`tasks.edit.register`) and ``tvsplit.sources``
+(`storage.source_kinds.register_source_kind`), whose registries call
 ``load_entry_points(group)`` before they answer a lookup (a group is loaded once per
 process), and ``tvsplit.suites`` (`tasks.suites.registry`, whose entry points name a suite
-class, imported on first use). ``tvsplit.sources`` is reserved: source kinds are not a
-registry yet (a new kind is a branch of `storage.sources.open_source`). Standard library
+class, imported on first use). Standard library
 only, so any layer can import it.
 """
 
