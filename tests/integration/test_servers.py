@@ -240,14 +240,15 @@ def pipeline(stack, spec):
     out: dict[str, object] = {}
     stack.cli("ingest", str(spec), "--no-progress")
     with Client(stack.scheduler, timeout=60) as client:
-        t0 = time.time()
+        # The scheduler's task stream is append-only: each command's jobs are the records
+        # added while it ran (positions, not clocks).
+        before = len(client.get_task_stream())
         stack.cli("decompose", FAMILY, "--scheduler", stack.scheduler, "--min-tasks", "2")
-        t1 = time.time()
+        between = len(client.get_task_stream())
         stack.cli("decompose", FAMILY, "--scheduler", stack.scheduler, "--gpu", "--seed", "1")
-        t2 = time.time()
-        stream = client.get_task_stream(start=t0)
-    out["cluster_tasks"] = _jobs(stream, t0, t1)
-    out["gpu_tasks"] = _jobs(stream, t1, t2)
+        stream = client.get_task_stream()
+    out["cluster_tasks"] = _jobs(stream[before:between])
+    out["gpu_tasks"] = _jobs(stream[between:])
     recipe = stack.root / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -267,17 +268,9 @@ def pipeline(stack, spec):
     return out
 
 
-def _jobs(stream: list[dict], start: float, stop: float) -> list[tuple[str, str]]:
-    """(key, worker) of the decomposition jobs the scheduler ran between start and stop."""
-    jobs = []
-    for record in stream:
-        key = str(record["key"])
-        if "decompose" not in key:
-            continue
-        began = min(s["start"] for s in record["startstops"])
-        if start <= began <= stop:
-            jobs.append((key, record["worker"]))
-    return jobs
+def _jobs(stream: list[dict]) -> list[tuple[str, str]]:
+    """(key, worker) of the decomposition jobs among task-stream records."""
+    return [(str(r["key"]), r["worker"]) for r in stream if "decompose" in str(r["key"])]
 
 
 def test_decomposition_jobs_ran_on_both_workers_and_gpu_jobs_only_on_the_gpu_worker(
