@@ -11,13 +11,21 @@ Guarantees:
   conditional write ``If-None-Match: *`` on S3 (s3fs ``pipe_file(mode="create")``; moto
   honours it too), ``mode="create"`` on fsspec's in-memory store. Two processes racing for
   a free lease: exactly one gets it.
-- while held, a heartbeat thread renews it every ``ttl / 4`` seconds; a renewal that finds
-  another holder's lease marks this one ``lost`` and stops (the work itself is idempotent,
-  so the worst case is the same result written twice).
+- renewing, taking over and releasing are each one conditional replace (or delete): the
+  lease object is changed only if it still holds exactly the bytes the caller last saw, in
+  one atomic step, so a renewal can never overwrite a lease another process took over, and
+  of several takers only one succeeds. The compare is: on a local disk, ``flock`` on the
+  lease file itself (every change of the file, and every read, happens under it; a taker
+  that deleted or replaced the file is noticed by comparing inodes after locking); on S3,
+  ``If-Match`` on the ETag the caller read (``PutObject`` and ``DeleteObject``, which moto
+  honours too); on fsspec's in-memory store (one process), a lock.
+- while held, a heartbeat thread renews it every ``ttl / 4`` seconds; a renewal whose
+  compare fails (another holder took it, or it was removed) marks this one ``lost`` and
+  stops for good (the work itself is idempotent, so the worst case is the same result
+  written twice by a holder that was paused longer than ``ttl``).
 - a lease whose holder is dead (same host: ``storage.folders.pid_alive``) or whose last
-  renewal is older than its ``ttl`` is taken over: the taker first creates a takeover marker
-  named after the stale lease's token (atomically, as above), so of several takers only one
-  deletes the stale lease, and then creates its own like any other.
+  renewal is older than its ``ttl`` is taken over by conditionally replacing the stale
+  bytes with the taker's own.
 - nothing here knows Prefect, Dask or the math; clocks of different hosts are assumed to
   agree within a small fraction of ``ttl``.
 """
@@ -25,13 +33,15 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +66,8 @@ __all__ = [
 LEASES = "leases"
 #: Seconds without renewal after which a lease of a holder on another host is taken over.
 LEASE_TTL = float(os.environ.get("TVSPLIT_LEASE_TTL", "120"))
-_TAKEN = ".taken-"
+_TAKEN = ".taken-"  # takeover markers of earlier versions (storage.gc removes them)
+_MEMORY_LOCK = threading.Lock()  # the compare of fsspec's in-memory store (one process)
 _GROUP_METADATA = b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'
 
 
@@ -118,7 +129,11 @@ class Holder:
 
 
 class LeaseLocation:
-    """Where lease objects live: a local folder, or a prefix of an fsspec file system."""
+    """Where lease objects live: a local folder, or a prefix of an fsspec file system.
+
+    ``replace_if`` and ``delete_if`` are the conditional primitives: each changes ``key``
+    only when it still holds ``expected``, atomically against every other change made
+    through this class (see the module's docstring for how, per store)."""
 
     def __init__(self, root: str, fs: Any = None) -> None:
         self.root = root.rstrip("/")
@@ -127,6 +142,16 @@ class LeaseLocation:
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
+    def _kind(self) -> str:
+        if self.fs is None:
+            return "local"
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if "memory" in protocols:
+            return "memory"
+        if "s3" in protocols or "s3a" in protocols:
+            return "s3"
+        return "other"
+
     # -- the primitives ----------------------------------------------------------------------
     def create(self, key: str, data: bytes) -> bool:
         """Create ``key`` holding ``data`` if it does not exist; False if it does (atomic)."""
@@ -134,17 +159,20 @@ class LeaseLocation:
         if self.fs is None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             try:
-                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
             except FileExistsError:
                 return False
             try:
+                fcntl.flock(handle, fcntl.LOCK_EX)  # readers wait until it is written whole
                 os.write(handle, data)
                 os.fsync(handle)
             finally:
                 os.close(handle)
             return True
+        lock = _MEMORY_LOCK if self._kind() == "memory" else contextlib.nullcontext()
         try:
-            self.fs.pipe_file(path, data, mode="create")
+            with lock:
+                self.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
         return True
@@ -153,13 +181,15 @@ class LeaseLocation:
         path = self.path(key)
         try:
             if self.fs is None:
-                return Path(path).read_bytes()
+                with _locked_file(path, fcntl.LOCK_SH) as handle:
+                    return None if handle is None else _read_all(handle)
             return self.fs.cat_file(path)
         except FileNotFoundError:
             return None
 
     def write(self, key: str, data: bytes) -> None:
-        """Overwrite ``key`` with ``data`` in one step (a reader sees old or new)."""
+        """Overwrite ``key`` with ``data`` in one step (a reader sees old or new);
+        unconditional: leases change through ``replace_if``."""
         path = self.path(key)
         if self.fs is None:
             partial = f"{path}.{uuid.uuid4().hex[:8]}.partial"
@@ -167,6 +197,93 @@ class LeaseLocation:
             os.replace(partial, path)
         else:
             self.fs.pipe_file(path, data)
+
+    def replace_if(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Set ``key`` to ``data`` if it holds exactly ``expected`` now; False if it holds
+        anything else or nothing (one atomic compare-and-write)."""
+        kind = self._kind()
+        path = self.path(key)
+        if kind == "local":
+            with _locked_file(path, fcntl.LOCK_EX) as handle:
+                if handle is None or _read_all(handle) != expected:
+                    return False
+                os.pwrite(handle, data, 0)
+                os.ftruncate(handle, len(data))
+                os.fsync(handle)
+                return True
+        if kind == "memory":
+            with _MEMORY_LOCK:
+                if self.read(key) != expected:
+                    return False
+                self.fs.pipe_file(path, data)
+                return True
+        if kind == "s3":
+            etag = self._s3_etag_of(path, expected)
+            if etag is None:
+                return False
+            try:
+                self.fs.pipe_file(path, data, IfMatch=etag)
+            except OSError as error:
+                if _precondition_failed(error):
+                    return False
+                raise
+            return True
+        # Another store: no atomic compare known; read-compare-write (documented gap).
+        if self.read(key) != expected:
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
+    def delete_if(self, key: str, expected: bytes) -> bool:
+        """Delete ``key`` if it holds exactly ``expected`` now (atomic, as ``replace_if``)."""
+        kind = self._kind()
+        path = self.path(key)
+        if kind == "local":
+            with _locked_file(path, fcntl.LOCK_EX) as handle:
+                if handle is None or _read_all(handle) != expected:
+                    return False
+                os.unlink(path)  # under the lock: a waiter sees the inode gone
+                return True
+        if kind == "memory":
+            with _MEMORY_LOCK:
+                if self.read(key) != expected:
+                    return False
+                self.delete(key)
+                return True
+        if kind == "s3":
+            etag = self._s3_etag_of(path, expected)
+            if etag is None:
+                return False
+            bucket, object_key, _ = self.fs.split_path(path)
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=object_key, IfMatch=etag)
+            except OSError as error:
+                if _precondition_failed(error):
+                    return False
+                raise
+            finally:
+                self.fs.invalidate_cache(path)
+            return True
+        if self.read(key) != expected:
+            return False
+        self.delete(key)
+        return True
+
+    def _s3_etag_of(self, path: str, expected: bytes) -> str | None:
+        """The ETag of ``path`` when its content is ``expected``, else None. Two HEADs around
+        one GET: equal ETags prove the bytes read are the version that ETag names."""
+        for _ in range(5):
+            try:
+                self.fs.invalidate_cache(path)
+                before = self.fs.info(path)["ETag"]
+                data = self.fs.cat_file(path)
+                self.fs.invalidate_cache(path)
+                after = self.fs.info(path)["ETag"]
+            except FileNotFoundError:
+                return None
+            if before == after:
+                return before if data == expected else None
+        return None  # changing under us all the time: certainly not ours any more
 
     def delete(self, key: str) -> None:
         path = self.path(key)
@@ -205,6 +322,46 @@ class LeaseLocation:
         """Mark the leases folder as an empty Zarr group, so listing the catalogue's root
         does not warn about an unknown object (its contents are never listed by Zarr)."""
         self.create("zarr.json", _GROUP_METADATA)
+
+
+@contextlib.contextmanager
+def _locked_file(path: str, mode: int) -> Iterator[int | None]:
+    """A descriptor of the file at ``path`` under ``flock(mode)``, checked after locking to
+    still be the file at ``path`` (not one deleted or replaced meanwhile); None if absent."""
+    while True:
+        try:
+            handle = os.open(path, os.O_RDWR if mode == fcntl.LOCK_EX else os.O_RDONLY)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            fcntl.flock(handle, mode)
+            try:
+                current = os.stat(path).st_ino == os.fstat(handle).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                yield handle
+                return
+        finally:
+            os.close(handle)  # closing gives the lock back
+
+
+def _read_all(handle: int) -> bytes:
+    size = os.fstat(handle).st_size
+    return os.pread(handle, size, 0)
+
+
+def _precondition_failed(error: OSError) -> bool:
+    """True when an S3 call was refused because its ``If-Match`` did not hold (or the object
+    was gone)."""
+    if isinstance(error, FileNotFoundError):
+        return True
+    cause = getattr(error.__cause__, "response", None) or {}
+    code = str(cause.get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "412", "NoSuchKey", "404") or (
+        error.errno == errno.EINVAL and "precondition" in str(error).lower()
+    )
 
 
 def catalogue_leases(catalogue: Any) -> LeaseLocation:
@@ -253,6 +410,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._outer: Lease | None = None
+        self._written = b""  # the lease object's bytes as this holder last wrote them
 
     # -- inspecting --------------------------------------------------------------------------
     def current(self) -> Holder | None:
@@ -281,23 +439,17 @@ class Lease:
                 self._outer, self.holder = held[0], held[0].holder
                 return True
         me = Holder.of_this_process(self.ttl, self.purpose)
-        if not self.location.create(self.key, me.to_bytes()):
+        mine = me.to_bytes()
+        if not self.location.create(self.key, mine):
             data = self.location.read(self.key)
             if data is None:  # released meanwhile: try again at once
-                if not self.location.create(self.key, me.to_bytes()):
+                if not self.location.create(self.key, mine):
                     return False
-            else:
-                holder = Holder.from_bytes(data)
-                marker = self._take_over(data, holder) if self._is_stale(holder) else None
-                if marker is None:
-                    return False
-                created = self.location.create(self.key, me.to_bytes())
-                # Once the stale lease is gone, a slower taker's re-read no longer matches
-                # it, so the marker has done its job.
-                self.location.delete(marker)
-                if not created:
-                    return False
-        self.holder = me
+            elif not self._is_stale(Holder.from_bytes(data)):
+                return False
+            elif not self.location.replace_if(self.key, data, mine):
+                return False  # renewed, released or taken by another taker meanwhile
+        self.holder, self._written = me, mine
         with Lease._held_lock:
             Lease._held[registry] = [self, 1]
         self._thread = threading.Thread(target=self._beat, name="tvsplit-lease", daemon=True)
@@ -339,9 +491,8 @@ class Lease:
         owner._stop.set()
         if owner._thread is not None:
             owner._thread.join()
-        current = owner.current()
-        if current is not None and owner.holder is not None and current.token == owner.holder.token:
-            owner.location.delete(self.key)
+        if owner.holder is not None and not owner.lost:
+            owner.location.delete_if(self.key, owner._written)  # never another holder's
 
     # -- internals -----------------------------------------------------------------------------
     def _is_stale(self, holder: Holder | None) -> bool:
@@ -350,34 +501,19 @@ class Lease:
         written = self.location.modified(self.key)  # unreadable: being written, or cut short
         return written is None or time.time() - written > self.ttl
 
-    def _take_over(self, data: bytes, holder: Holder | None) -> str | None:
-        """Remove a stale lease, as the only one of any concurrent takers; the key of the
-        takeover marker when this process removed it, else None."""
-        token = (
-            holder.token if holder is not None else uuid.uuid5(uuid.NAMESPACE_OID, data.hex()).hex
-        )
-        marker = f"{self.key}{_TAKEN}{token}"
-        if not self.location.create(marker, b""):
-            return None  # another process takes it over
-        if self.location.read(self.key) != data:
-            self.location.delete(marker)
-            return None  # it changed meanwhile (renewed or taken): not stale any more
-        self.location.delete(self.key)
-        return marker
-
     def _beat(self) -> None:
         assert self.holder is not None
         interval = max(0.05, self.ttl / 4)
         while not self._stop.wait(interval):
+            renewed = Holder(**{**asdict(self.holder), "renewed": time.time()})
+            data = renewed.to_bytes()
             try:
-                current = self.current()
-                if current is None or current.token != self.holder.token:
-                    self.lost = True
+                if not self.location.replace_if(self.key, self._written, data):
+                    self.lost = True  # taken over or removed: never written again
                     return
-                self.holder = Holder(**{**asdict(self.holder), "renewed": time.time()})
-                self.location.write(self.key, self.holder.to_bytes())
             except Exception:  # a transient store error: try again at the next beat
                 continue
+            self.holder, self._written = renewed, data
 
 
 def run_lease(catalogue: Any, family: str, run: str, *, ttl: float = LEASE_TTL) -> Lease:

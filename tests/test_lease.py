@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import DecompositionRun, list_runs
 from tvsplit.storage.lease import (
     Holder,
+    Lease,
     LeaseBusyError,
     LeaseLocation,
     catalogue_leases,
@@ -171,6 +174,12 @@ def test_lease_on_s3_is_a_conditional_write(s3, monkeypatch):
     location = catalogue_leases(Catalogue(url))
     assert location.create("k.json", b"1") and not location.create("k.json", b"2")
     assert location.read("k.json") == b"1"
+    # Renewal, takeover and release are conditional writes (If-Match on the ETag read).
+    assert not location.replace_if("k.json", b"0", b"3") and location.read("k.json") == b"1"
+    assert location.replace_if("k.json", b"1", b"3") and location.read("k.json") == b"3"
+    assert not location.delete_if("k.json", b"1") and location.read("k.json") == b"3"
+    assert location.delete_if("k.json", b"3") and location.read("k.json") is None
+    assert not location.replace_if("k.json", b"3", b"4") and location.read("k.json") is None
     _check_semantics(Catalogue(url))
     assert sorted(_race(url, s3)) == ["busy", "busy", "busy", "got"]
 
@@ -286,3 +295,111 @@ def test_acquire_waits_for_a_live_holder_then_takes_the_lease(tmp_path):
     thread.join(30)
     assert taken.is_set() and len(told) == 1 and lease.current().pid == os.getpid()
     lease.release()
+
+
+# -- two lease objects racing renewal and takeover (threads, no processes) -----------------------
+_NESTING = threading.local()  # store calls made inside another store call
+
+
+class _Interleaved(LeaseLocation):
+    """A lease location that calls ``between`` after each store call a lease's heartbeat
+    thread makes: the worst moment for another process to act, whatever the calls are."""
+
+    between: Callable[[], None] = staticmethod(lambda: None)
+
+    def __getattribute__(self, name: str):
+        value = super().__getattribute__(name)
+        if name not in {"create", "read", "write", "replace_if", "delete_if", "delete"}:
+            return value
+
+        def call(*args, **kwargs):
+            depth = getattr(_NESTING, "depth", 0)
+            _NESTING.depth = depth + 1
+            try:
+                result = value(*args, **kwargs)
+            finally:
+                _NESTING.depth = depth
+            if depth == 0 and threading.current_thread().name == "tvsplit-lease":
+                super(_Interleaved, self).__getattribute__("between")()  # between calls only
+            return result
+
+        return call
+
+
+def _two_views(root: str, fs=None) -> tuple[_Interleaved, LeaseLocation]:
+    """Two locations of the same objects under different names, so that two Lease objects
+    of one process act as two processes (the in-process nesting is keyed by root)."""
+    if fs is None:
+        Path(root, "alias").mkdir(parents=True, exist_ok=True)
+        return _Interleaved(root), LeaseLocation(f"{root}/alias/..")
+    return _Interleaved(root, fs), LeaseLocation(f"memory://{root}", fs)
+
+
+def _views(kind: str, tmp_path: Path) -> tuple[_Interleaved, LeaseLocation]:
+    if kind == "local":
+        return _two_views(str(tmp_path / "leases"))
+    import fsspec
+
+    return _two_views(f"/race-{uuid.uuid4().hex[:8]}", fsspec.filesystem("memory"))
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+@pytest.mark.parametrize("at_call", [1, 2, 3])
+def test_a_renewal_never_overwrites_a_takeover(kind, at_call, tmp_path, monkeypatch):
+    """Holder A renews every 50 ms; B, believing A expired, takes the lease over right after
+    the ``at_call``-th store call of A's heartbeat (between a read and a write, if a renewal
+    were a read then a write). Afterwards B's lease is the one stored, A knows it lost it,
+    and A never writes its own lease back: never two holders."""
+    first, second = _views(kind, tmp_path)
+    key = "fam/decompositions/r1.json"
+    a = Lease(first, key, ttl=0.2)
+    b = Lease(second, key, ttl=60)
+    calls: list[bool] = []
+
+    def take_over() -> None:
+        calls.append(True)
+        if len(calls) == at_call:
+            with monkeypatch.context() as patch:
+                patch.setattr(Holder, "stale", lambda self, now=None: True)  # B's view of A
+                assert b.try_acquire()
+
+    first.between = take_over
+    assert a.try_acquire()
+    deadline = time.monotonic() + 10
+    while not a.lost:
+        assert time.monotonic() < deadline, "A never noticed its lease was taken"
+        time.sleep(0.01)
+    assert b.holder is not None, "B never took the lease"
+    time.sleep(0.15)  # a few more of A's beats, had it kept beating
+    assert Holder.from_bytes(second.read(key)).token == b.holder.token
+    a.release()  # lost: gives nothing back, deletes nothing
+    assert Holder.from_bytes(second.read(key)).token == b.holder.token
+    b.release()
+    assert second.read(key) is None
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_of_two_racing_takers_exactly_one_takes_an_expired_lease(kind, tmp_path):
+    first, second = _views(kind, tmp_path)
+    for round_ in range(20):
+        key = f"fam/decompositions/t{round_}.json"
+        stale = _foreign(first, key, renewed_ago=120, ttl=60)
+        takers = [Lease(first, key, ttl=60), Lease(second, key, ttl=60)]
+        start = threading.Barrier(2)
+        got: dict[int, bool] = {}
+
+        def take(index: int, takers=takers, start=start, got=got) -> None:
+            start.wait()
+            got[index] = takers[index].try_acquire()
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(got.values()) == [False, True], (round_, got)
+        winner = takers[got[1]]
+        stored = first.read(key)
+        assert stored != stale and Holder.from_bytes(stored).token == winner.holder.token
+        winner.release()
+        assert first.read(key) is None
