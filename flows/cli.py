@@ -36,6 +36,9 @@ def main(
     ),
 ) -> None:
     """tvsplit: shared and unique parts of task vectors, on Prefect, Dask, Zarr and MLflow."""
+    from tvsplit.flows.console import quiet_third_party
+
+    quiet_third_party()  # the project shows its own progress
     if debug:
         import os
 
@@ -54,6 +57,9 @@ def demo(
     members: int = typer.Option(8, help="--planted: task vectors in the synthetic family."),
     noise: float = typer.Option(0.1, help="--planted: noise level σ (‖N‖₂ ≈ 2σ)."),
     seed: int = typer.Option(0, help="--planted: seed of the synthetic family."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Print every step and per-parameter diagnostic."
+    ),
 ) -> None:
     """The main job on embedded defaults: the vision suite through the whole pipeline
     (zoo → ingest → decompose → evaluate → edit → MLflow → RESULTS.md). A rerun reuses the
@@ -65,7 +71,8 @@ def demo(
         return
     from tvsplit.flows.evaluate_cli import run_suite_command
 
-    run_suite_command("vision", preset, command="make demo" if preset == "full" else None)
+    command = "make demo" if preset == "full" else None
+    run_suite_command("vision", preset, command=command, verbose=verbose)
 
 
 # The leaves build their own apps and never import this module: no import circle.

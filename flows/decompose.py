@@ -50,6 +50,9 @@ from tvsplit.tasks.decompose_job import (
     run_id,
 )
 from tvsplit.tasks.report import (
+    CHANCE_TABLE,
+    chance_rows,
+    chance_summary,
     chance_warnings,
     shared_energy_heatmap,
     spectrum_figure,
@@ -75,6 +78,9 @@ class DecomposeResult:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: str | None = None
     warnings: list[str] = field(default_factory=list)
+    """Per-parameter diagnostics worth a look (threshold near chance), one line each."""
+    summary: str | None = None
+    """The warnings summed up in one line (None: none); what a caller prints by default."""
 
 
 @flow(name="tvsplit-decompose", log_prints=True)
@@ -195,8 +201,8 @@ def _split_run(
         {**store.read_diagnostics(p), "name": p} for p in parameters if p not in result.failed
     ]
     result.warnings = chance_warnings(result.diagnostics)
-    for warning in result.warnings:
-        logger.warning(warning)
+    for warning in result.warnings:  # in the flow run's log; callers print them on --verbose
+        logger.debug(warning)
     rows = summary_rows(result.diagnostics)
     create_table_artifact(
         key=f"decompose-{family}".lower().replace("_", "-"),
@@ -212,6 +218,9 @@ def _split_run(
     store.finish({"bases_computed": result.bases_computed})
     if track:
         result.mlflow_run_id = _track(app_settings, result, settings)
+    result.summary = chance_summary(result.diagnostics, tracked=result.mlflow_run_id is not None)
+    if result.summary:
+        logger.info(result.summary)
     return result
 
 
@@ -286,6 +295,9 @@ def _track(app_settings: Settings, result: DecomposeResult, settings: SplitSetti
                 metrics[f"shared_energy/{name}/{member}"] = row[f"shared_energy/{member}"]
         mlflow.log_metrics(metrics)
         mlflow.log_table({k: [row[k] for row in rows] for k in rows[0]}, "summary.json")
+        chance = chance_rows(result.diagnostics)
+        if chance:
+            mlflow.log_table({k: [row[k] for row in chance] for k in chance[0]}, CHANCE_TABLE)
         for figure, name in (
             (shared_energy_heatmap(result.diagnostics), HEATMAP),
             (spectrum_figure(result.diagnostics), SPECTRA),

@@ -52,6 +52,9 @@ def decompose_command(
         help="When another process is splitting the same run, exit at once naming it "
         "(default: wait for it, then finish; its work is reused).",
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Print every parameter's diagnostic, not their summary."
+    ),
     **split: Any,
 ) -> None:
     """Split every parameter of FAMILY into shared and unique parts (resumable). The split
@@ -65,6 +68,7 @@ def decompose_command(
         )  # fmt: skip
     except InputError as error:
         _fail(str(error))
+    from rich.markup import escape
     from tvsplit.flows.decompose import DecomposeError, run_decompose
     from tvsplit.flows.tracking import ui_hint
     from tvsplit.storage.errors import StorageError
@@ -98,8 +102,8 @@ def decompose_command(
         f"{len(result.computed)} parameter(s) split, {len(result.skipped)} already done, "
         f"{result.bases_computed} member basis(es) computed; members: {', '.join(result.members)}"
     )
-    for warning in result.warnings:
-        _out.print(f"[yellow]warning:[/] {warning}")
+    for warning in result.warnings if verbose else [result.summary] if result.summary else []:
+        _out.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if result.mlflow_run_id:
         _out.print(f"MLflow run {result.mlflow_run_id}: {ui_hint(app_settings)}")
 

@@ -42,9 +42,10 @@ def run_suite_command(
     catalogue: str | None = None,
     track: bool = True,
     command: str | None = None,
+    verbose: bool = False,
 ) -> None:
     """Run ``suite`` at ``preset`` and print its summary; a bad suite, preset or input is
-    one ``error:`` line."""
+    one ``error:`` line. ``verbose``: every step and per-parameter diagnostic as well."""
     from tvsplit.flows.decompose import DecomposeError
     from tvsplit.flows.ingest import USER_ERRORS
     from tvsplit.tasks.suites.base import SuiteError
@@ -63,26 +64,28 @@ def run_suite_command(
             outcome = suite_flow(
                 suite, preset=preset, catalogue_url=catalogue, workers=workers,
                 scheduler=scheduler, track=track, results_path=results or None,
-                command=command,
+                command=command, verbose=verbose,
             )  # fmt: skip
     except (*USER_ERRORS, DecomposeError, SuiteError) as error:
         fail(str(error))
-    out.print(outcome.suite.summary(outcome.result), highlight=False, markup=False, width=200)
+    out.print(outcome.suite.summary(outcome.result), highlight=False, markup=False, soft_wrap=True)
     if outcome.model_dir:
         score = outcome.suite.score(outcome.model_test)
         out.print(
             f"edited model ({outcome.result.exported['row']}, "
             f"{outcome.result.exported['family']}): {outcome.model_dir} — test score {score:.2f}",
-            markup=False,
-        )
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
     if outcome.results_path:
         out.print(
             f"results: {outcome.results_path} (section {outcome.suite.name!r})",
             markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
-    out.print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in outcome.timings.items()))
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.timings.items())
+    out.print(f"timings: {timings}", highlight=False, soft_wrap=True)
     if track:
-        out.print(f"MLflow: {ui_hint(load_settings(catalogue=catalogue))}", markup=False)
+        hint = ui_hint(load_settings(catalogue=catalogue))
+        out.print(f"MLflow: {hint}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("evaluate")
@@ -99,6 +102,9 @@ def evaluate(
     ),
     catalogue: str | None = typer.Option(None, "--catalogue", help="Catalogue path or URL."),
     track: bool = typer.Option(True, help="Log to MLflow (parent run, one nested run per row)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Print every step and per-parameter diagnostic."
+    ),
 ) -> None:
     """Run a registered evaluation suite end to end: its family → ingest → decompose →
     coefficients on validation → test scores → the chosen edit → MLflow → its RESULTS.md
@@ -108,5 +114,5 @@ def evaluate(
         return
     run_suite_command(
         suite, preset, workers=workers, scheduler=scheduler, results=results,
-        catalogue=catalogue, track=track,
+        catalogue=catalogue, track=track, verbose=verbose,
     )  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from prefect import flow
-from tvsplit.flows.console import err
+from tvsplit.flows.console import Story
 from tvsplit.flows.decompose import run_decompose
 from tvsplit.flows.edit import edit_model
 from tvsplit.flows.ingest import ingest, parse_spec
@@ -84,65 +84,78 @@ def suite_flow(
     export: bool = True,
     show_progress: bool = True,
     command: str | None = None,
+    verbose: bool = False,
 ) -> SuiteRun:
     """Run suite ``suite`` at ``preset`` (``families``: only these of its pool, by catalogue
     name or label). ``results_path`` None writes no RESULTS.md; ``export`` False writes no
-    edited model."""
-
-    def say(message: str) -> None:
-        if show_progress:
-            err.log(message, markup=False, highlight=False)  # "[one-sided]" is not markup
-
+    edited model. Tells its story on stderr (`flows.console.Story`): one line per stage and
+    per decomposition run; with ``verbose`` every step and every per-parameter diagnostic."""
+    story = Story(verbose=verbose, enabled=show_progress)
     settings = load_settings(catalogue=catalogue_url)
     instance = get_suite(suite).from_preset(preset, data_root or settings.data)
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    pool = restrict_pool(instance.build(say), families)
+    with story.stage("build", live=True) as stage:
+        pool = restrict_pool(instance.build(stage.step), families)
+        members = sum(len(f.members) for f in pool.families)
+        stage.done(f"{len(pool.families)} famil{'y' if len(pool.families) == 1 else 'ies'}, "
+                   f"{members} fine-tuned members, in {instance.work_dir}")  # fmt: skip
     timings["build_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    ingest(parse_spec(pool.spec), settings.catalogue, progress=show_progress)
+    with story.stage("ingest") as stage:
+        ingest(parse_spec(pool.spec), settings.catalogue, progress=show_progress)
+        stage.done(f"catalogue {settings.catalogue}")
     timings["ingest_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     runs: dict[tuple[str, str], str] = {}
-    for variant, split in variants_used(instance, instance.methods(pool)).items():
-        for family in pool.families:
-            decomposed = run_decompose(
-                family.name, members=list(family.members), settings=split,
-                catalogue_url=settings.catalogue, scheduler=scheduler, workers=workers,
-                track=track, show_progress=show_progress,
-            )  # fmt: skip
-            runs[(family.name, variant)] = decomposed.run
+    with story.stage("decompose") as stage:
+        for variant, split in variants_used(instance, instance.methods(pool)).items():
+            for family in pool.families:
+                decomposed = run_decompose(
+                    family.name, members=list(family.members), settings=split,
+                    catalogue_url=settings.catalogue, scheduler=scheduler, workers=workers,
+                    track=track, show_progress=show_progress, say=story.say,
+                )  # fmt: skip
+                runs[(family.name, variant)] = decomposed.run
+                where = f"  {family.label} ({variant}), run {decomposed.run}"
+                for line in decomposed.warnings if verbose else [decomposed.summary or "ok"]:
+                    story.say(f"{where}: {line}")
+        stage.done(f"{len(runs)} decomposition runs")
     timings["decompose_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    evaluation = instance.evaluation(pool)
-    result = evaluate_pool(instance, pool, settings.catalogue, runs, evaluation, say)
+    with story.stage("evaluate", live=True) as stage:
+        evaluation = instance.evaluation(pool)
+        result = evaluate_pool(instance, pool, settings.catalogue, runs, evaluation, stage.step)
+        stage.done(f"{len(result.rows)} methods on {len(result.families)} families")
     timings["evaluate_s"] = time.perf_counter() - started
 
     outcome = SuiteRun(instance, pool, result, runs, timings=timings)
     chosen = instance.export() if export else None
     if chosen is not None:
         started = time.perf_counter()
-        family = pool.families[chosen.family]
-        work = instance.work_dir
-        work.mkdir(parents=True, exist_ok=True)
-        recipe_path = work / f"recipe-{_folder_name(chosen.row, family.label)}.yaml"
-        recipe = export_recipe(instance, pool, result, chosen)
-        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-        edited = edit_model(
-            str(recipe_path), output=str(work / (chosen.folder or _folder_name(chosen.row, family.label))),
-            catalogue_url=settings.catalogue, overwrite=True, track=track,
-            show_progress=show_progress,
-        )  # fmt: skip
-        outcome.model_dir = Path(edited.output)
-        outcome.model_test = evaluation.evaluate(outcome.model_dir, "test")
-        result.exported = {
-            "row": chosen.row, "family": family.label, "folder": str(outcome.model_dir),
-            "test": outcome.model_test,
-        }  # fmt: skip
+        with story.stage("edit") as stage:
+            family = pool.families[chosen.family]
+            work = instance.work_dir
+            work.mkdir(parents=True, exist_ok=True)
+            recipe_path = work / f"recipe-{_folder_name(chosen.row, family.label)}.yaml"
+            recipe = export_recipe(instance, pool, result, chosen)
+            recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+            edited = edit_model(
+                str(recipe_path), output=str(work / (chosen.folder or _folder_name(chosen.row, family.label))),
+                catalogue_url=settings.catalogue, overwrite=True, track=track,
+                show_progress=show_progress,
+            )  # fmt: skip
+            outcome.model_dir = Path(edited.output)
+            outcome.model_test = evaluation.evaluate(outcome.model_dir, "test")
+            result.exported = {
+                "row": chosen.row, "family": family.label, "folder": str(outcome.model_dir),
+                "test": outcome.model_test,
+            }  # fmt: skip
+            stage.done(f"{chosen.row} on {family.label}: {outcome.model_dir}")
         timings["edit_s"] = time.perf_counter() - started
     result.timings = dict(timings)
 

@@ -56,17 +56,54 @@ def summary_rows(diagnostics: Sequence[Diagnostics]) -> list[dict[str, Any]]:
     return rows
 
 
-def chance_warnings(diagnostics: Sequence[Diagnostics], margin: float = 0.1) -> list[str]:
-    """Parameters whose threshold sits within ``margin`` of the chance level."""
-    warnings = []
+CHANCE_MARGIN = 0.1
+#: The MLflow artifact of a decomposition run holding `chance_rows`.
+CHANCE_TABLE = "chance.json"
+
+
+def chance_rows(diagnostics: Sequence[Diagnostics], margin: float = CHANCE_MARGIN) -> list[dict]:
+    """One row per parameter with a chance level (not pairwise): its threshold, the chance
+    level, their difference and whether the threshold sits within ``margin`` of chance."""
+    rows = []
     for d in diagnostics:
         chance, tau = _scalar(d["chance"]), float(d["threshold_used"])
-        if d["method"] != "pairwise" and chance > 0 and tau - chance < margin:
-            warnings.append(
-                f"{d['name']}: threshold {tau:.2f} is within {margin} of the chance level "
-                f"{chance:.2f}; random subspaces of these ranks could pass it"
+        if d["method"] != "pairwise" and chance > 0:
+            rows.append(
+                {
+                    "parameter": d["name"],
+                    "threshold": tau,
+                    "chance": chance,
+                    "threshold_minus_chance": tau - chance,
+                    "near_chance": tau - chance < margin,
+                }
             )
-    return warnings
+    return rows
+
+
+def chance_warnings(diagnostics: Sequence[Diagnostics], margin: float = CHANCE_MARGIN) -> list[str]:
+    """Parameters whose threshold sits within ``margin`` of the chance level, one line each."""
+    return [
+        f"{row['parameter']}: threshold {row['threshold']:.2f} is within {margin} of the chance "
+        f"level {row['chance']:.2f}; random subspaces of these ranks could pass it"
+        for row in chance_rows(diagnostics, margin)
+        if row["near_chance"]
+    ]
+
+
+def chance_summary(
+    diagnostics: Sequence[Diagnostics], margin: float = CHANCE_MARGIN, *, tracked: bool = False
+) -> str | None:
+    """The per-parameter chance warnings of a run summed up in one line (None when there
+    are none): ``37 of 59 parameters: threshold within 0.1 of chance; see ...``."""
+    near = len(chance_warnings(diagnostics, margin))
+    if not near:
+        return None
+    where = (
+        f"see the MLflow run's chance table ({CHANCE_TABLE}) or --verbose"
+        if tracked
+        else "--verbose lists them"
+    )
+    return f"{near} of {len(diagnostics)} parameters: threshold within {margin} of chance; {where}"
 
 
 def shared_energy_heatmap(diagnostics: Sequence[Diagnostics], max_rows: int = 80) -> Figure:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import tvsplit.tasks.decompose_job as job
@@ -179,6 +183,43 @@ def test_tracked_in_mlflow_with_plots(prefect_harness, catalogue, tmp_path, monk
     assert "shared_energy/blocks.0.mlp.weight/m3" in run.data.metrics
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.mlflow_run_id)}
     assert {"shared_energy_heatmap.png", "eigenvalue_spectra.png", "summary.json"} <= names
+    # The per-parameter chance detail: one row per parameter with a chance level.
+    chance = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="chance.json"))
+        .read_text()
+    )  # fmt: skip
+    table = dict(zip(chance["columns"], zip(*chance["data"], strict=True), strict=True))
+    by_name = {d["name"]: d for d in result.diagnostics}
+    for name, tau, level, near in zip(
+        table["parameter"], table["threshold"], table["chance"], table["near_chance"], strict=True
+    ):
+        assert tau == pytest.approx(by_name[name]["threshold_used"])
+        assert near == (tau - level < 0.1)
+    assert sum(table["near_chance"]) == len(result.warnings)
+
+
+def test_cli_sums_up_chance_warnings_once_and_lists_them_with_verbose(prefect_harness, catalogue):
+    """A threshold just above chance: without --verbose one summary line for the run, no
+    per-parameter line; with --verbose the per-parameter lines, one per parameter counted."""
+    from tvsplit.flows.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    args = ["decompose", "fam", "--catalogue", catalogue.url, "--no-track", "--threshold", "0.05"]
+    quiet = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert quiet.exit_code == 0, quiet.output
+    summaries = re.findall(
+        r"(\d+) of (\d+) parameters: threshold within 0\.1 of chance", quiet.output
+    )
+    assert len(summaries) == 1, quiet.output
+    near, total = map(int, summaries[0])
+    assert 1 <= near <= total == len(PARAMS)
+    assert "of the chance level" not in quiet.output
+    loud = runner.invoke(app, [*args, "--verbose"], env={"COLUMNS": "300"})
+    assert loud.exit_code == 0, loud.output
+    lines = re.findall(r"(\S+): threshold [\d.]+ is within 0\.1 of the chance level", loud.output)
+    assert len(lines) == near and set(lines) <= set(PARAMS)
+    assert "parameters: threshold within" not in loud.output
 
 
 def test_cli_decompose_then_show_the_spectrum(prefect_harness, catalogue):
