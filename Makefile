@@ -14,7 +14,7 @@ export DO_NOT_TRACK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo test test-slow test-integration lint bench clean
+.PHONY: install demo test test-slow test-integration crosscheck lint bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ test-slow: install
 test-integration: install
 	$(PY) -m pytest -m integration tests/integration -q -p no:cacheprovider --durations=0
 
+# tvsplit's TA and TIES against mergekit-yaml on a tiny GPT-2; mergekit 0.1.5 lives in its own
+# venv (.venv-mergekit, built on first use, reused after). Fails if mergekit cannot be installed.
+crosscheck: install
+	$(PY) benchmarks/mergekit_crosscheck.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -53,4 +58,4 @@ bench: install
 	$(PY) benchmarks/decompose_bench.py
 
 clean:
-	rm -rf $(VENV) tvsplit-data .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-mergekit tvsplit-data .pytest_cache .hypothesis

@@ -31,7 +31,7 @@ site-packages), imports, orchestration (reaching Prefect, flow/task runs), track
 in the edit, so those three are busy times and can sum to more than the wall time.
 mergekit's row splits into its import floor and the rest.
 
-mergekit 0.1.5 lives in its own venv (/tmp/mergekit-venv, one ``pip install mergekit==0.1.5
+mergekit 0.1.5 lives in its own venv (.venv-mergekit or $TVSPLIT_MERGEKIT_VENV, one ``pip install mergekit==0.1.5
 torch==2.13.0``, as benchmarks/mergekit_crosscheck.py makes it); ``--install-mergekit``
 creates it when absent, otherwise its rows are skipped.
 """
@@ -61,7 +61,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from edit_bench import compare, io_floor, touch  # noqa: E402
 from gpt2_shapes import gpt2_small_shapes  # noqa: E402
-from mergekit_crosscheck import MERGEKIT, VENV, ensure_mergekit  # noqa: E402
+from mergekit_crosscheck import MERGEKIT, VENV, MergekitUnavailable, ensure_mergekit  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TVSPLIT = str(BIN / "tvsplit")
@@ -285,7 +285,10 @@ def main() -> int:
         if MERGEKIT.exists():
             mergekit = str(MERGEKIT)
         elif args.install_mergekit:
-            mergekit = ensure_mergekit()
+            try:
+                mergekit = ensure_mergekit()
+            except MergekitUnavailable as error:
+                print(f"note: no mergekit rows: {error}")
         else:
             print(f"note: no {MERGEKIT}; pass --install-mergekit for the mergekit rows")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cli-bench-"))

@@ -12,7 +12,7 @@ Every row runs in this one process on the same safetensors files (page cache war
 - streamed edit: ``safe_open`` → task vectors (fine-tuned − base, as mergekit computes
   them; the edit flow reads them from the catalogue instead) → ``tasks.edit.apply_edit`` →
   ``ModelFolderWriter``, tensor by tensor, end to end;
-- mergekit 0.1.5 (``mergekit-yaml`` in /tmp/mergekit-venv, start-up included), when that venv
+- mergekit 0.1.5 (``mergekit-yaml`` in mergekit_crosscheck's venv, start-up included), when that venv
   exists; its output is also compared with ours.
 
 Targets (PERFORMANCE.md): task arithmetic ≥ 2× faster than mergekit, TIES ≥ 4× faster;
@@ -40,10 +40,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2_shapes import gpt2_small_shapes
+from mergekit_crosscheck import MERGEKIT
 from tvsplit.storage.model_folder import ModelFolderWriter
 from tvsplit.tasks.edit import EditInputs, apply_edit
 
-MERGEKIT = Path("/tmp/mergekit-venv/bin/mergekit-yaml")
 MEMBERS = 4
 WEIGHTS = (1.0, 0.7, 0.5, 0.3)
 DENSITY = 0.5

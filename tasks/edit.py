@@ -251,7 +251,9 @@ def ties_delta(
        of the agreeing entries); where no member agrees the result is 0. Without
        ``normalize`` it is the disjoint sum Σ_agree w_i τ̂_i.
 
-    These are mergekit 0.1.5's conventions for ``ties`` (``consensus_method: sum``).
+    These are mergekit 0.1.5's conventions for ``ties`` (``consensus_method: sum``), but for
+    magnitudes tied at the trim threshold: mergekit keeps k of them in its unstable
+    ``argsort``'s order, we keep all (benchmarks/mergekit_crosscheck.py checks the rest).
     Weights must be ≥ 0 (a negative weight would flip the member's sign vote).
     """
     if len(vectors) != len(weights):
