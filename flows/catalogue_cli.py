@@ -75,9 +75,14 @@ def ingest_command(
 @catalogue_app.command("ls")
 def ls_command(catalogue: str | None = CatalogueOption) -> None:
     """List families with their base and members (complete ones; partial ones marked)."""
+    url = load_settings(catalogue=catalogue).catalogue
+    if "://" not in url and not Path(url).exists():
+        # nothing to open: say so without importing zarr and torch (issue 20: ≤ 1.5 s)
+        _out.print(f"{url}: no families")
+        return
     from tvsplit.storage.catalogue import Catalogue
 
-    cat = Catalogue(load_settings(catalogue=catalogue).catalogue)
+    cat = Catalogue(url)
     families = cat.families()
     if not families:
         _out.print(f"{cat.url}: no families")

@@ -124,3 +124,33 @@ def test_a_lazy_module_is_imported_on_first_attribute_only(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+# Beyond the engines: what the two cheapest commands leave out (issue 20's ≤ 1.5 s).
+
+
+def test_version_imports_not_even_the_app(tmp_path):
+    """``--version`` prints the installed version without building the typer app."""
+    probe = PROBE.replace("{heavy!r}", repr(("tvsplit.flows.cli", "typer", "pydantic_settings")))
+    report = _run(["--version"], tmp_path, probe)
+    assert report["code"] == 0, report["output"]
+    assert report["output"].startswith("tvsplit "), report["output"]
+    assert report["heavy"] == [], report["output"]
+    # --version after a command name is the command's business, not the fast path
+    probe_app = PROBE.replace("{heavy!r}", repr(("tvsplit.flows.cli",)))
+    assert _run(["catalogue", "--help"], tmp_path, probe_app)["heavy"] == ["tvsplit.flows.cli"]
+
+
+def test_listing_a_catalogue_that_does_not_exist_imports_no_zarr(tmp_path):
+    probe = PROBE.replace("{heavy!r}", repr(("zarr", "numpy")))
+    report = _run(["catalogue", "ls"], tmp_path, probe)
+    assert report["code"] in (0, None), report["output"]
+    assert "no families" in report["output"], report["output"]
+    assert report["heavy"] == [], report["output"]
+    assert not (tmp_path / "tvsplit-data" / "catalogue.zarr").exists()
+
+
+def test_listing_an_existing_catalogue_still_reads_it(family_catalogue):
+    report = _run(["catalogue", "ls"], family_catalogue)
+    assert report["code"] in (0, None), report["output"]
+    assert "fam" in report["output"] and "no families" not in report["output"]
