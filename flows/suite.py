@@ -169,6 +169,8 @@ def suite_flow(
     section = instance.report(result, context)
     if results_path:
         outcome.results_path = write_section(results_path, instance.name, section)
+        if instance.figures_beside_results:
+            instance.artifacts(result, outcome.results_path.parent)
     if track:
         outcome.mlflow_run_id = _track(settings, instance, outcome, section)
     return outcome
@@ -197,7 +199,11 @@ def _track(settings: Settings, suite: Suite, outcome: SuiteRun, section: str) ->
                 mlflow.log_param("chosen_params", json.dumps([r.params for r in records]))
                 mean, std = mean_std(result.scores(row))
                 metrics = {"score": mean, "score_std": std}
-                metrics |= {f"test/{m}": result.metric_summary(row, m)[0] for m in result.metrics}
+                metrics |= {
+                    f"test/{m}": result.metric_summary(row, m)[0]
+                    for m in result.metrics
+                    if all(m in r.test for r in records)  # `individual` may own a subset
+                }
                 metrics["val_score"] = mean_std(result.scores(row, "val"))[0]
                 metrics |= suite.row_metrics(result, row)
                 mlflow.log_metrics(metrics)

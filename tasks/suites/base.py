@@ -268,6 +268,9 @@ class SuiteResult:
         for row in self.rows:
             cells = [f"`{row}`"]
             for metric in self.metrics:
+                if not all(metric in self.record(row, f).test for f in self.families):
+                    cells.append("—")  # e.g. `individual`: each member owns some metrics
+                    continue
                 mean, std = self.metric_summary(row, metric)
                 cells.append(f"{fmt.format(mean)} ± {fmt.format(std)}")
             mean, std = mean_std(self.scores(row))
@@ -302,6 +305,8 @@ class Suite(ABC):
     settings_model: ClassVar[type[BaseModel]]
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {"small": {}, "full": {}}
     higher_is_better: ClassVar[bool] = True
+    figures_beside_results: ClassVar[bool] = False
+    """Also write ``artifacts`` into the folder of RESULTS.md (figures the section links)."""
     """Direction of ``score`` (for tables and the default ``choose``)."""
 
     def __init__(self, settings: BaseModel, data_root: str | Path, preset: str = "custom"):
@@ -375,6 +380,14 @@ class Suite(ABC):
             if sign * trial.score > sign * trials[best].score + 1e-12:
                 best = i
         return best
+
+    def begin_family(
+        self, family: FamilyRef, tensors: FamilyTensors, evaluation: Evaluation
+    ) -> None:
+        """Called before a family's rows are scored (e.g. to read what ``choose`` compares
+        against on this family, such as each member's own validation metrics); default
+        nothing."""
+        return None
 
     def diagnostics(
         self, family: FamilyRef, variant: str, tensors: FamilyTensors, run: str

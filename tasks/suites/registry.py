@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "tvsplit.suites"
 
-BUILTIN: dict[str, str] = {"vision": "tvsplit.tasks.suites.vision.suite:VisionSuite"}
+BUILTIN: dict[str, str] = {
+    "style": "tvsplit.tasks.suites.style.suite:StyleSuite",
+    "vision": "tvsplit.tasks.suites.vision.suite:VisionSuite",
+}
 
 _registered: dict[str, type[Suite]] = {}
 

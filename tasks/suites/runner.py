@@ -106,6 +106,7 @@ def evaluate_family(
             f"val {record.val_score:6.2f}  {record.params}"
         )
 
+    suite.begin_family(family, tensors, evaluation)
     base_val = evaluation.evaluate(tensors.base, "val")
     for method in methods:
         run = runs[method.variant] if method.variant is not None else None
