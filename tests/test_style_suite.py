@@ -61,8 +61,8 @@ def test_quality_metric_separates_real_digits_from_noise():
     from torchmetrics.image.fid import FrechetInceptionDistance
     from tvsplit.tasks.suites.style.classifiers import train_classifier
 
-    train, labels = digits("train", 8, 2000)
-    net = train_classifier(train, labels, (), multilabel=False, steps=25, seed=0, batch_size=64)
+    train, labels = digits("train", 8, 1000)
+    net = train_classifier(train, labels, (), multilabel=False, steps=20, seed=0, batch_size=64)
     fid = FrechetInceptionDistance(
         feature=net.features, normalize=True, reset_real_features=False,
         input_img_size=(1, 8, 8),

@@ -112,6 +112,8 @@ def random_style_subsets(
     a style is judged present or absent whatever else is applied with it)."""
     ordered = check_styles(styles)
     labels = torch.rand(len(images), len(ordered), generator=generator) < 0.5
+    if not ordered:
+        return images.clone(), labels.float()
     out = torch.empty_like(images)
     for pattern in labels.unique(dim=0):
         rows = (labels == pattern).all(dim=1)

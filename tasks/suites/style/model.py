@@ -95,7 +95,7 @@ def train_denoiser(unet, images: torch.Tensor, spec: TrainSpec, seed: int) -> li
         loss.backward()
         optimizer.step()
         lr_schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     unet.eval()
     return losses
 
