@@ -117,16 +117,54 @@ def test_task_arithmetic_of_one_member_gives_its_weights(pipeline, tmp_path):
     ).read_text()
 
 
-def test_output_loads_with_transformers(pipeline, tmp_path):
+PROMPT = torch.arange(8)[None]
+
+
+def _logits_of_folder(folder) -> torch.Tensor:
+    """The logits of a model folder as transformers loads it."""
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(PROMPT).logits
+
+
+def _logits_of_state(base_folder, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of a fresh model (the base's config) holding ``state``, loaded by hand:
+    every stored tensor must be given (lm_head is tied to wte)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_folder))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    with torch.no_grad():
+        return model.eval()(PROMPT).logits
+
+
+def test_output_loads_with_transformers_and_gives_the_hand_applied_edit(pipeline, tmp_path):
+    """Unique negation of ft2 reloaded with transformers gives the logits of θ0 − u_ft2
+    built here: the stored run's shared parts (its compact form) subtracted from ft2's task
+    vector, applied to the base's state dict; and not those of plain negation."""
     result = _edit(
         pipeline, tmp_path, method="unique_negation", decomposition=pipeline["run"],
         members=[{"name": "ft2"}], params={"scale": 1.0},
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(result.output)
-    logits = model(torch.arange(8)[None]).logits
-    assert logits.shape == (1, 8, 64) and bool(torch.isfinite(logits).all())
+    from tvsplit.tasks.decompose_job import stored_shared_parts
+
+    base = _weights(pipeline["repos"].base)
+    catalogue = Catalogue(pipeline["url"])
+    shared = stored_shared_parts(pipeline["url"], "tiny", pipeline["run"], ["ft2"])
+    assert set(shared) == set(base) - {WPE}
+    by_hand, plain = dict(base), dict(base)
+    for name, parts in shared.items():
+        vector = catalogue.read("tiny", name, member="ft2")
+        by_hand[name] = base[name] - (vector - parts[0])
+        plain[name] = base[name] - vector
+    logits = _logits_of_folder(result.output)
+    torch.testing.assert_close(logits, _logits_of_state(pipeline["repos"].base, by_hand),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    assert not torch.allclose(logits, _logits_of_state(pipeline["repos"].base, plain), atol=1e-3)
 
 
 def test_unique_negation_equals_direct_calls(pipeline, tmp_path):
@@ -312,7 +350,6 @@ def test_cli_edit_writes_a_tsv_m_merge_that_loads(pipeline, tmp_path):
     checked against the independent float64 reference of test_merges.py (the edit computes
     in float32: relative error of the delta < 1e-3)."""
     from test_merges import reference_tsv_m
-    from transformers import AutoModelForCausalLM
     from tvsplit.flows.cli import app
     from typer.testing import CliRunner
 
@@ -339,6 +376,15 @@ def test_cli_edit_writes_a_tsv_m_merge_that_loads(pipeline, tmp_path):
         assert error < 1e-3, (name, error)
         matrices += tensor.ndim == 2
     assert matrices >= 4
-    model = AutoModelForCausalLM.from_pretrained(out)
-    logits = model(torch.arange(8)[None]).logits
-    assert logits.shape == (1, 8, 64) and bool(torch.isfinite(logits).all())
+    # Reloaded with transformers: the logits of θ0 + λ·TSV-M(τ) applied by hand to a fresh model.
+    by_hand = {
+        name: (tensor if name == WPE else
+               (tensor.double() + torch.from_numpy(0.6 * reference_tsv_m(
+                   [(m[name].double() - tensor.double()).numpy() for m in members]))).float())
+        for name, tensor in base.items()
+    }  # fmt: skip
+    # (the edit's float32 TSV-M differs from the float64 reference by < 1e-3 relative, so
+    # the logits agree to ~1e-3; the edit itself moves them by far more than that)
+    logits, expected = _logits_of_folder(out), _logits_of_state(pipeline["repos"].base, by_hand)
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-3)
+    assert float((logits - _logits_of_folder(pipeline["repos"].base)).abs().max()) > 1e-2
