@@ -15,7 +15,37 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # server left running under the working directory; tests/test_prefect_server.py starts its own.
 os.environ.setdefault("TVSPLIT_PREFECT", "ephemeral")
 
+from pathlib import Path
+
 import pytest
+
+# Fake credentials set in the environment of tracked runs; none may ever reach a stored file.
+FAKE_CREDENTIALS = {
+    "HF_TOKEN": "hf_fakeTokenThatMustNeverBeStored1234",
+    "HUGGING_FACE_HUB_TOKEN": "hf_fakeLegacyTokenNeverStored5678",
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYNEVERSTORED",
+    "AWS_SECRET_ACCESS_KEY": "fakeAwsSecretThatMustNeverBeStored9012",
+}
+
+
+def files_holding_credentials(*roots: Path) -> list[str]:
+    """Every file under ``roots`` (databases, artifacts, catalogue chunks, model folders)
+    whose bytes contain one of FAKE_CREDENTIALS' values, as "path: VARIABLE"."""
+    found = []
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [f"{path}: {k}" for k, v in FAKE_CREDENTIALS.items() if v.encode() in data]
+    return found
+
+
+@pytest.fixture
+def fake_credentials(monkeypatch):
+    """FAKE_CREDENTIALS in the environment for one test; returns files_holding_credentials."""
+    for name, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    return files_holding_credentials
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAKE_CREDENTIALS, files_holding_credentials
 from fixtures_models import (
     install_in_hub_cache,
     loopback_hub,
@@ -254,7 +255,7 @@ def test_hub_download_against_loopback_server(repos, tmp_path) -> None:
             "HF_ENDPOINT": endpoint,
             "HF_HOME": str(tmp_path / "hf"),
             "HF_HUB_OFFLINE": "0",
-            "HF_TOKEN": "hf_secret_never_logged",
+            **FAKE_CREDENTIALS,
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         }
         out = subprocess.run(
@@ -274,6 +275,7 @@ def test_hub_download_against_loopback_server(repos, tmp_path) -> None:
     assert "model.safetensors.index.json" in result["files"] and result["n"] > 10
     assert any(line.startswith("GET /api/models/org/served/revision/main") for line in log)
     assert any("/resolve/" + commit + "/model.safetensors.index.json" in line for line in log)
-    assert "hf_secret_never_logged" not in out.stdout + out.stderr
+    assert not any(v in out.stdout + out.stderr for v in FAKE_CREDENTIALS.values())
+    assert files_holding_credentials(tmp_path) == []  # the hub cache, its refs and snapshots
     cached = tmp_path / "hf" / "hub" / "models--org--served"
     assert (cached / "refs" / "main").read_text() == commit

@@ -38,7 +38,7 @@ def toy(repos, tmp_path_factory):
         yield root
 
 
-def test_generic_flow_runs_a_suite_end_to_end(toy, prefect_harness):
+def test_generic_flow_runs_a_suite_end_to_end(toy, prefect_harness, fake_credentials):
     import mlflow
 
     results = toy / "RESULTS.md"
@@ -75,11 +75,49 @@ def test_generic_flow_runs_a_suite_end_to_end(toy, prefect_harness):
     assert children["metrics.score"].notna().all()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.mlflow_run_id)}
     assert {"results_table.md", "RESULTS.md", "results.json"} <= artifacts
+    _assert_tracked_contents(run, results)
+    assert fake_credentials(toy) == []  # mlflow.db, artifacts, catalogue, models
 
     again = suite_flow("toy", preset="small", results_path=str(results), workers=1,
                        show_progress=False, track=False)  # fmt: skip
     assert again.runs == run.runs  # finished decompositions are reused
     assert [r.test for r in again.result.records] == [r.test for r in result.records]
+
+
+def _assert_tracked_contents(run, results) -> None:
+    """What the parent and nested runs hold, read back: params, every row's metrics, the
+    artifacts' contents (the table, the section, the records) against the suite's result."""
+    import json
+    import math
+
+    import mlflow
+
+    result, uri = run.result, f"runs:/{run.mlflow_run_id}"
+    params = mlflow.get_run(run.mlflow_run_id).data.params
+    assert (params["suite"], params["preset"], params["families"]) == ("toy", "small", "toyfam")
+    assert json.loads(params["settings"]) == json.loads(json.dumps(result.settings))
+    children = mlflow.MlflowClient().search_runs(
+        [mlflow.get_run(run.mlflow_run_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.mlflow_run_id}'",
+    )
+    for child in children:
+        row, metrics = child.info.run_name, child.data.metrics
+        scores = result.scores(row)
+        assert metrics["score"] == pytest.approx(sum(scores) / len(scores)), row
+        for metric in result.metrics:
+            assert metrics[f"test/{metric}"] == pytest.approx(
+                result.metric_summary(row, metric)[0]
+            ), (row, metric)
+        chosen = json.loads(child.data.params["chosen_params"])
+        assert chosen == [result.record(row, f).params for f in result.families], row
+        assert all(math.isfinite(v) for v in metrics.values())
+    assert mlflow.artifacts.load_text(f"{uri}/results_table.md") == result.markdown_table()
+    assert mlflow.artifacts.load_text(f"{uri}/RESULTS.md") == read_section(
+        results.read_text(), "toy"
+    )
+    stored = mlflow.artifacts.load_dict(f"{uri}/results.json")
+    assert stored["records"] == json.loads(json.dumps([r.__dict__ for r in result.records]))
+    assert stored["runs"] == result.runs and stored["exported"]["row"] == "shared_ta"
 
 
 def test_evaluate_lists_suites_and_names_bad_ones(toy):
