@@ -171,18 +171,42 @@ def test_gpu_jobs_run_on_workers_that_offer_a_gpu(prefect_harness, catalogue):
     assert sorted(result.computed) == sorted(PARAMS)
 
 
-def test_tracked_in_mlflow_with_plots(prefect_harness, catalogue, tmp_path, monkeypatch):
+def test_tracked_in_mlflow_with_plots(
+    prefect_harness, catalogue, tmp_path, monkeypatch, fake_credentials
+):
+    """The run's params are the settings; its metrics and summary table are what the
+    engine gives on the stored task vectors; the plots are PNG images; no credential of the
+    environment is stored anywhere (MLflow's database, artifacts, the catalogue)."""
+    import matplotlib.image
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("TVSPLIT_ARTIFACTS", str(tmp_path / "artifacts"))
     result = _run(catalogue, track=True)
     run = mlflow.get_run(result.mlflow_run_id)
-    assert run.data.params["method"] == "mean-projector"
-    assert run.data.metrics["k/blocks.0.attn.weight"] >= 1
-    assert "shared_energy/blocks.0.mlp.weight/m3" in run.data.metrics
-    names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.mlflow_run_id)}
-    assert {"shared_energy_heatmap.png", "eigenvalue_spectra.png", "summary.json"} <= names
+    params, metrics = run.data.params, run.data.metrics
+    for key, value in SplitSettings().model_dump().items():
+        assert params[key] == str(value), key
+    assert (params["family"], params["run"]) == ("fam", result.run)
+    assert params["members"] == "m0,m1,m2,m3" and metrics["parameters"] == len(PARAMS)
+    uri = f"runs:/{result.mlflow_run_id}"
+    table = mlflow.artifacts.load_dict(f"{uri}/summary.json")
+    rows = {row[table["columns"].index("parameter")]: row for row in table["data"]}
+    assert set(rows) == set(PARAMS)
+    for name in PARAMS:
+        deltas = torch.stack([catalogue.read("fam", name, member=f"m{i}") for i in range(4)])
+        split = decompose_layer(deltas, settings=SplitSettings())
+        assert metrics[f"k/{name}"] == split.k == rows[name][table["columns"].index("k")]
+        for i in range(4):
+            energy = float(split.shared[i].square().sum() / deltas[i].square().sum())
+            assert metrics[f"shared_energy/{name}/m{i}"] == pytest.approx(energy, abs=1e-5)
+    assert metrics["k/blocks.0.attn.weight"] == 2  # the planted shared rank
+    for figure in ("shared_energy_heatmap.png", "eigenvalue_spectra.png"):
+        path = mlflow.artifacts.download_artifacts(f"{uri}/{figure}", dst_path=str(tmp_path))
+        image = matplotlib.image.imread(path)  # decodes the whole PNG
+        assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0
+    assert json.dumps(table)  # plain data
+    assert fake_credentials(tmp_path, catalogue.url) == []
     # The per-parameter chance detail: one row per parameter with a chance level.
     chance = json.loads(
         Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="chance.json"))
