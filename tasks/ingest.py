@@ -3,8 +3,9 @@
 A job reads tensors from a source one at a time (`storage.sources`), turns a member into
 its task vector with `tasks.task_vector` (model − base, tensor by tensor; LoRA ΔW per
 module; ready task vectors checked against the base), and writes each result to the
-catalogue (`storage.catalogue`) before reading the next, so peak memory is bounded by the
-largest parameter, not by the model.
+catalogue (`storage.catalogue`) while the next one is read and checked (`tasks.pipeline`,
+one reader thread one parameter ahead, nothing more queued), so at most two parameters are
+in flight and peak memory is bounded by the largest parameters, not by the model.
 
 A base may be kept by reference to its source's safetensors files instead of copied
 (``base_by_reference``): only headers are read at ingest (no finiteness check of data that
@@ -40,6 +41,7 @@ from tvsplit.storage.errors import CatalogueError, SourceError, StorageError
 from tvsplit.storage.keymatch import PREFIXES, match_names
 from tvsplit.storage.lowrank import LowRankDelta
 from tvsplit.storage.sources import OpenedSource, open_source
+from tvsplit.tasks.pipeline import pipelined
 from tvsplit.tasks.task_vector import TaskVectorError, all_finite, parameter_delta, task_vector
 
 SKIPPED, INGESTED, RESUMED, FAILED = "skipped", "ingested", "resumed", "failed"
@@ -422,6 +424,10 @@ class _Renamed(Mapping[str, torch.Tensor]):
 
 
 # -- the job ----------------------------------------------------------------------------------
+def _same(item: Any) -> Any:
+    return item
+
+
 def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> IngestResult:
     """Ingest one source into the catalogue (see the module docstring for guarantees)."""
     started = time.perf_counter()
@@ -474,19 +480,33 @@ def run_ingest_job(job: IngestJob, progress: IngestProgress | None = None) -> In
     todo = [name for name in plan.names if name not in done]
     if progress is not None:
         progress.start(job.label, len(plan.names), len(done))
-    written_bytes = 0
+    produced = plan.produce(todo)
+
+    def produce(name: str) -> tuple[str, Any, dict]:  # on the reader thread, in order
+        got, tensor, attrs = next(produced)
+        assert got == name, (got, name)
+        return got, tensor, attrs
+
+    def store(item: tuple[str, Any, dict]) -> int:
+        name, tensor, attrs = item
+        if isinstance(tensor, LowRankDelta):
+            nbytes = writer.write_factors(name, tensor, attrs)
+        elif isinstance(tensor, _Reference):
+            nbytes = writer.write_reference(name, tensor.file, tensor.key, tensor.shape, attrs)
+        else:
+            nbytes = writer.write(name, tensor, attrs)
+        if progress is not None:
+            progress.advance(name, nbytes)
+        return nbytes
+
     try:
-        for name, tensor, attrs in plan.produce(todo):
-            if isinstance(tensor, LowRankDelta):
-                nbytes = writer.write_factors(name, tensor, attrs)
-            elif isinstance(tensor, _Reference):
-                nbytes = writer.write_reference(name, tensor.file, tensor.key, tensor.shape, attrs)
-            else:
-                nbytes = writer.write(name, tensor, attrs)
-            written_bytes += nbytes
-            if progress is not None:
-                progress.advance(name, nbytes)
+        # The next parameter is read and checked while this one is written; one of each at
+        # a time (read_ahead=1, nothing queued for the writer): two tensors in flight.
+        written_bytes = sum(
+            pipelined(todo, produce, _same, store, read_ahead=1, writes_in_flight=0)
+        )
     finally:
+        produced.close()
         if progress is not None:
             progress.stop()
     identity = {IDENTITY: identity_record(source)} if job.member is None else {}

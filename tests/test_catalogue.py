@@ -77,7 +77,9 @@ def test_write_read_roundtrip_with_provenance_and_row_slices(tmp_path) -> None:
         param_key("h.0.attn.c_attn.weight")
     ]
     assert array.dtype == "float32" and array.chunks == (2048, 1024)  # 8 MiB of whole rows
-    assert type(array.compressors[0]).__name__ == "ZstdCodec"
+    blosc = array.compressors[0]
+    assert type(blosc).__name__ == "BloscCodec" and blosc.cname.value == "lz4"
+    assert blosc.typesize == 4 and blosc.shuffle.value == "shuffle"  # float32 bytes shuffled
 
 
 def test_partial_entries_are_invisible_and_resume_keeps_complete_arrays(tmp_path) -> None:
@@ -112,3 +114,43 @@ def test_bad_names_are_rejected(tmp_path) -> None:
         cat.writer("../x", None, FP)
     with pytest.raises(CatalogueError, match="no entry"):
         cat.read("fam", "w")
+
+
+def test_arrays_of_the_previous_codec_read_and_verify_beside_new_ones(tmp_path, monkeypatch):
+    """Catalogues written with zstd (tvsplit before the Blosc compressor) stay readable and
+    checked: zarr records each array's codecs, so old and new arrays live side by side."""
+    import tvsplit.storage.writes as writes
+    from tvsplit.storage.integrity import IntegrityError
+    from tvsplit.storage.verify import OK, verify_catalogue
+    from zarr.codecs import ZstdCodec
+
+    url = str(tmp_path / "cat.zarr")
+    cat = Catalogue(url)
+    data = {name: torch.randn(300, 70) for name in ("old", "new")}
+    with monkeypatch.context() as patch:
+        patch.setattr(writes, "compressors", lambda: (ZstdCodec(level=1),))
+        writer = cat.writer("fam", None, FP)
+        writer.write("w", data["old"], {"kind": "weights"})
+        writer.finish(["w"], {"role": "base"})
+    writer = cat.writer("fam", "m", FP)
+    writer.write("w", data["new"], {"kind": "delta"})
+    writer.finish(["w"], {"role": "vector"})
+
+    root = zarr.open_group(url, mode="r")
+    old = root[f"families/fam/base/{param_key('w')}"]
+    new = root[f"families/fam/vectors/m/{param_key('w')}"]
+    assert [type(c).__name__ for c in old.compressors] == ["ZstdCodec", "Crc32cCodec"]
+    assert [type(c).__name__ for c in new.compressors] == ["BloscCodec", "Crc32cCodec"]
+    assert torch.equal(Catalogue(url).read("fam", "w"), data["old"])
+    assert torch.equal(Catalogue(url).read("fam", "w", member="m"), data["new"])
+    assert [row.status for row in verify_catalogue(Catalogue(url))] == [OK, OK]
+
+    base = tmp_path / "cat.zarr" / "families" / "fam" / "base"
+    chunks = sorted(f for f in base.rglob("*") if f.is_file() and f.name != "zarr.json")
+    assert len(chunks) == 1
+    chunk = chunks[0]
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # a flipped byte in an old-codec chunk is still caught
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="fam.*'w'.*corrupt"):
+        Catalogue(url).read("fam", "w")

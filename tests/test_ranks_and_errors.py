@@ -186,3 +186,28 @@ def test_task_vector_is_lazy_and_checked():
                 {"i": torch.zeros(2, dtype=torch.int64)}, {"i": torch.ones(2, dtype=torch.int64)}
             )
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_an_element_by_element_check(dtype):
+    """The sum-first check says what ``isfinite().all()`` says: a NaN or ±Inf anywhere is
+    found, and finite values whose sum overflows are not taken for an Inf."""
+    from tvsplit.tasks.task_vector import all_finite
+
+    generator = torch.Generator().manual_seed(0)
+    top = torch.finfo(dtype).max
+    for trial in range(40):
+        tensor = torch.randn(257, 33, generator=generator).to(dtype)
+        where = tuple(int(i) for i in torch.randint(0, 33, (2,), generator=generator))
+        case = trial % 5
+        if case == 1:
+            tensor[where] = float("nan")
+        elif case == 2:
+            tensor[where] = float("inf") if trial % 2 else -float("inf")
+        elif case == 3:
+            tensor[0, :2] = torch.tensor([float("inf"), -float("inf")], dtype=dtype)
+        elif case == 4:
+            tensor[:4] = top  # finite, but the sum overflows
+        want = bool(torch.isfinite(tensor).all())
+        assert all_finite(tensor) == want, (dtype, case)
+        assert want == (case in (0, 4))
