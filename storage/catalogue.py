@@ -9,7 +9,8 @@ Layout (under any local path or fsspec URL)::
 Guarantees:
 
 - arrays are float32 (the source dtype is kept in attrs), chunked along rows into
-  4–16 MiB chunks (an array smaller than that is one chunk), compressed with zstd;
+  4–16 MiB chunks (an array smaller than that is one chunk), compressed with Blosc-LZ4
+  after a byte shuffle (arrays written before it: zstd, read as they are);
 - parameter names are stored under reversible zarr-safe keys (`storage.names`) and the
   true name is kept in each array's attrs;
 - a base may be kept by reference to its source file instead of a copy (``layout:

@@ -1,8 +1,8 @@
 """Integrity of stored arrays: per-chunk checksums, and a manifest of the chunks at completion.
 
-Every array tvsplit writes (``storage.writes``) gets zarr 3's ``crc32c`` codec after zstd:
-each stored chunk ends with the CRC-32C of its compressed bytes, and zarr checks it on
-decode, so a flipped or truncated chunk fails to read instead of decoding to wrong numbers.
+Every array tvsplit writes (``storage.writes``) gets zarr 3's ``crc32c`` codec after its
+compressor: each stored chunk ends with the CRC-32C of its compressed bytes, and zarr checks
+it on decode, so a flipped or truncated chunk fails to read instead of decoding to wrong numbers.
 A *missing* chunk would still read as the fill value (zeros), by zarr's design; so when an
 array is completed its **manifest** is recorded with it: the key of every stored chunk and
 that chunk's stored CRC (its last four bytes, read back by key with a 4-byte suffix
