@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 from tvsplit.flows.console import fail as _fail
 from tvsplit.flows.console import out as _out
-from tvsplit.flows.settings import load_settings, prefect_run_settings
+from tvsplit.flows.settings import load_settings, missing_local_catalogue, prefect_run_settings
 
 app = typer.Typer()  # `ingest` and the `catalogue` group; attached by tvsplit.flows.cli
 catalogue_app = typer.Typer(help="Inspect and edit the catalogue.", no_args_is_help=True)
@@ -76,8 +76,7 @@ def ingest_command(
 def ls_command(catalogue: str | None = CatalogueOption) -> None:
     """List families with their base and members (complete ones; partial ones marked)."""
     url = load_settings(catalogue=catalogue).catalogue
-    if "://" not in url and not Path(url).exists():
-        # nothing to open: say so without importing zarr and torch (issue 20: ≤ 1.5 s)
+    if missing_local_catalogue(url):
         _out.print(f"{url}: no families")
         return
     from tvsplit.storage.catalogue import Catalogue

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from tvsplit.flows.settings import Settings, load_settings
+from tvsplit.flows.settings import Settings, load_settings, missing_local_catalogue
 
 if TYPE_CHECKING:
     from tvsplit.flows.recipe import Recipe
@@ -96,6 +96,8 @@ def check_edit(
     settings = load_settings(catalogue=catalogue_url)
     target = output_target(recipe, output, settings)
     check_output(target, overwrite=overwrite)
+    if missing_local_catalogue(settings.catalogue):
+        raise InputError(_no_family(str(recipe_path), recipe.family, settings.catalogue, []))
     from tvsplit.storage.catalogue import Catalogue
 
     catalogue = Catalogue(settings.catalogue)
@@ -113,16 +115,20 @@ def check_edit(
     return CheckedEdit(recipe, target, settings)
 
 
+def _no_family(source: str, family: str, url: str, families: Sequence[str]) -> str:
+    return (
+        f"{source}: family: no family {family!r} in catalogue {url} "
+        f"(families: {', '.join(families) or 'none'})"
+    )
+
+
 def check_recipe_members(catalogue: Catalogue, recipe: Recipe, *, source: str) -> None:
     """The family exists, and every member (and ``excluded_from``) is a complete member of
     it; a member found in another family is named as such (a recipe's members come from
     one family)."""
     families = catalogue.families()
     if recipe.family not in families:
-        raise InputError(
-            f"{source}: family: no family {recipe.family!r} in catalogue {catalogue.url} "
-            f"(families: {', '.join(families) or 'none'})"
-        )
+        raise InputError(_no_family(source, recipe.family, catalogue.url, families))
     available = catalogue.members(recipe.family)
     wanted = [(f"members[{i}].name", name) for i, name in enumerate(recipe.member_names)]
     if recipe.excluded_from != "base":

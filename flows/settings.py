@@ -77,6 +77,12 @@ class Settings(BaseSettings):
             self.models = self.data / "models"
 
 
+def missing_local_catalogue(url: str) -> bool:
+    """True for a local catalogue path with nothing there: it holds no family, and saying so
+    needs no zarr (the CLI's fixed cost, issue 20). URLs (``s3://``, ``file://``) are opened."""
+    return "://" not in url and not Path(url).exists()
+
+
 def load_settings(**overrides: object) -> Settings:
     """Settings from the environment, with non-None keyword overrides (CLI flags) on top."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

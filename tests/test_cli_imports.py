@@ -154,3 +154,11 @@ def test_listing_an_existing_catalogue_still_reads_it(family_catalogue):
     report = _run(["catalogue", "ls"], family_catalogue)
     assert report["code"] in (0, None), report["output"]
     assert "fam" in report["output"] and "no families" not in report["output"]
+
+
+def test_no_family_in_a_catalogue_that_does_not_exist_imports_no_zarr(tmp_path):
+    probe = PROBE.replace("{heavy!r}", repr(("zarr", "numpy")))
+    report = _run(["edit", _recipe(tmp_path, "r.yaml", NO_FAMILY)], tmp_path, probe)
+    assert report["code"] == 1, report["output"]
+    assert "no family 'nosuch'" in report["output"] and "(families: none)" in report["output"]
+    assert report["heavy"] == [], report["output"]

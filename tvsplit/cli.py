@@ -41,9 +41,13 @@ def __getattr__(name: str):
 
 
 def _app():
-    with stages.stage("imports"):
-        from tvsplit.flows.cli import app
-    return app
+    """The app, imported once and kept as this module's ``app`` (which tests may replace)."""
+    if "app" not in globals():
+        with stages.stage("imports"):
+            from tvsplit.flows.cli import app
+
+        globals()["app"] = app
+    return globals()["app"]
 
 
 def main(args: list[str] | None = None) -> None:
