@@ -44,7 +44,7 @@ PARTIAL = "partial"
 #: bytes of each float32 grouped by position, so exponents sit together). Chosen against
 #: zstd level 1 (used before) on GPT-2-sized task vectors (`benchmarks/ingest_bench.py
 #: --codecs`): float32 noise-like deltas 0.94 of raw bytes against zstd's 0.88, deltas of
-#: bfloat16 models 0.46 against 0.36, at 40-70 % less CPU to write and less to read; no
+#: bfloat16 models 0.46 against 0.36, at 28-70 % less CPU to write (two runs) and less to read; no
 #: compression wrote faster still but would double a bfloat16 family's catalogue.
 #: (Type size and shuffle are left to zarr, which sets them from each array's dtype.)
 BLOSC = {"cname": "lz4", "clevel": 5}
