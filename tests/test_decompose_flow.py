@@ -252,7 +252,7 @@ def test_cli_decompose_then_show_the_spectrum(prefect_harness, catalogue):
 
     runner = CliRunner()
     args = ["decompose", "fam", "--catalogue", catalogue.url, "--min-tasks", "2", "--no-track"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})  # the table's names in full
     assert result.exit_code == 0, result.output
     assert "blocks.0.attn.weight" in result.output and "3 parameter(s) split" in result.output
     ((run, _),) = list_runs(catalogue, "fam")
