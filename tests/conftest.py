@@ -83,22 +83,28 @@ def repos(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vision_data_root(tmp_path_factory):
-    """One data root for the vision tests: the small zoo is trained once and then reused."""
+    """One data root for the vision tests: each preset's zoo is trained once and reused."""
     return tmp_path_factory.mktemp("vision-data")
 
 
-@pytest.fixture(scope="session")
-def vision_run(prefect_harness, vision_data_root, tmp_path_factory):
-    """The vision suite at its small preset through the generic suite flow, once per session
-    (zoo → ingest → decompose → every row → the chosen edit → MLflow → its section)."""
+# `make test` runs the vision tests on the tiny zoo (3 tasks, seconds of training, every row);
+# the small zoo (≥ 6 tasks), whose training dominated the default run, is `slow`
+# (`make test-slow`, run by .ci/run).
+VISION_PRESETS = ["tiny", pytest.param("small", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="session", params=VISION_PRESETS)
+def vision_run(request, prefect_harness, vision_data_root, tmp_path_factory):
+    """The vision suite at a preset through the generic suite flow, once per session and
+    preset (zoo → ingest → decompose → every row → the chosen edit → MLflow → its section)."""
     from tvsplit.flows.suite import suite_flow
 
-    out = tmp_path_factory.mktemp("vision-run")
+    out = tmp_path_factory.mktemp(f"vision-run-{request.param}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
         patch.setenv("TVSPLIT_ARTIFACTS", str(out / "artifacts"))
         run = suite_flow(
-            "vision", preset="small", data_root=str(vision_data_root),
+            "vision", preset=request.param, data_root=str(vision_data_root),
             catalogue_url=str(out / "catalogue.zarr"), results_path=str(out / "RESULTS.md"),
             show_progress=False,
         )  # fmt: skip

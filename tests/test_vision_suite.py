@@ -1,8 +1,9 @@
-"""The vision suite at its small preset: real data, a real (small) zoo, every merge method.
+"""The vision suite on real data, a real zoo, every merge method: on the tiny zoo in
+`make test`, on the small zoo (≥ 6 tasks) under `slow` (conftest.VISION_PRESETS).
 
-One zoo and one suite run (the generic flow, ``vision_run``) are built per session; the
-assertions are about what they mean: splits, fine-tuning, merging, the report (the subspace
-merges' definitions are tested in test_merges.py).
+One zoo and one suite run (the generic flow, ``vision_run``) are built per session and preset;
+the assertions are about what they mean: splits, fine-tuning, merging, the report (the
+subspace merges' definitions are tested in test_merges.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tvsplit.tasks.suites.vision.report import (
     table,
     verdict,
 )
-from tvsplit.tasks.suites.vision.zoo import ZooConfig, ZooError, build_zoo
+from tvsplit.tasks.suites.vision.zoo import ZooError, build_zoo
 
 SIZES = data.SplitSizes(train=300, val=50, test=60)
 
@@ -85,13 +86,10 @@ def test_data_pickles_cannot_load_other_classes(tmp_path):
 # --------------------------------------------------------------------------- zoo + benchmark
 
 
-@pytest.fixture(scope="module")
-def zoo(vision_data_root):
-    from tvsplit.tasks.suites.vision.zoo import default_zoo_dir
-
-    torch.set_num_threads(2)
-    config = ZooConfig.small()
-    return build_zoo(default_zoo_dir(vision_data_root, config), config)
+@pytest.fixture
+def zoo(vision_run):
+    """The zoo the suite run built (its preset's config)."""
+    return vision_run.pool.handle
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +100,8 @@ def result(vision_run):
 def test_zoo_is_a_set_of_loadable_model_repositories(zoo):
     from transformers import ConvNextModel
 
-    assert zoo.manifest["status"] == "complete" and len(zoo.tasks) >= 6
+    assert zoo.manifest["status"] == "complete"
+    assert zoo.tasks == zoo.config.resolved_tasks() and len(zoo.tasks) >= 3
     for folder in [zoo.base_dir, *zoo.members(0).values()]:
         assert {"config.json", "model.safetensors", "README.md"} <= {
             p.name for p in folder.iterdir()
@@ -118,11 +117,11 @@ def test_zoo_is_a_set_of_loadable_model_repositories(zoo):
 def test_zoo_is_reused_and_guards_its_config(zoo):
     weights = zoo.member_dir(0, zoo.tasks[0]) / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    again = build_zoo(zoo.root, ZooConfig.small())
+    again = build_zoo(zoo.root, zoo.config)
     assert weights.stat().st_mtime_ns == before
     assert again.manifest["fingerprint"] == zoo.manifest["fingerprint"]
     with pytest.raises(ZooError, match="another config"):
-        build_zoo(zoo.root, ZooConfig.small(data_seed=1))
+        build_zoo(zoo.root, zoo.config.model_copy(update={"data_seed": 1}))
 
 
 def test_catalogue_spec_is_a_valid_ingest_spec(zoo):
@@ -173,8 +172,44 @@ def test_results_table_has_every_method_and_column(result, tmp_path):
     assert bar_chart(result, tmp_path / "bars.png").stat().st_size > 1000
     json.dumps(result.diagnostics)  # plain data, loggable
     assert set(result.diagnostics) == {"seed-0/one-sided", "seed-0/two-sided"}
-    for stats in result.diagnostics.values():
-        assert -1.0 <= stats["cosine_min"] <= stats["cosine_max"] <= 1.0
+
+
+def test_diagnostics_equal_an_independent_computation(zoo, vision_run):
+    """The shared parts' pairwise cosines and shared energies the suite reports equal NumPy
+    float64 ones from the model folders' task vectors and the run's stored shared parts."""
+    import numpy as np
+    from tvsplit.tasks.decompose_job import stored_shared_parts
+
+    ref = vision_run.pool.families[0]
+    family = load_family(zoo.base_dir, zoo.members(zoo.seeds[0]))
+    catalogue = str(vision_run.results_path.parent / "catalogue.zarr")
+    names = sorted(family.base)
+    vectors = np.stack(
+        [np.concatenate([family.vectors[n][i].double().numpy().ravel() for n in names])
+         for i in range(len(family.members))]
+    )  # fmt: skip
+    for variant in ("one-sided", "two-sided"):
+        stats = vision_run.result.diagnostics[f"{ref.label}/{variant}"]
+        run = vision_run.runs[(ref.name, variant)]
+        parts = stored_shared_parts(catalogue, ref.name, run, family.members)
+        shared = np.stack(
+            [np.concatenate([parts[n][i].double().numpy().ravel() for n in names])
+             for i in range(len(family.members))]
+        )  # fmt: skip
+        unit = shared / np.linalg.norm(shared, axis=1, keepdims=True)
+        cosine = unit @ unit.T
+        for i, first in enumerate(family.members):
+            for j in range(i + 1, len(family.members)):
+                expected = cosine[i, j]
+                found = stats["pairwise_cosine"][f"{first}|{family.members[j]}"]
+                assert found == pytest.approx(expected, abs=1e-4), (variant, first, j)
+            energy = float(shared[i] @ shared[i] / (vectors[i] @ vectors[i]))
+            assert stats["shared_energy"][first] == pytest.approx(energy, rel=1e-4, abs=1e-6)
+        upper = np.triu_indices(len(family.members), 1)
+        assert stats["cosine_min"] == pytest.approx(cosine[upper].min(), abs=1e-4)
+        assert stats["cosine_max"] == pytest.approx(cosine[upper].max(), abs=1e-4)
+        # A family that shares nothing would give zero energy: this one shares something.
+        assert 0 < stats["shared_energy_mean"] < 1, stats["shared_energy_mean"]
 
 
 def test_edits_from_the_catalogue_equal_direct_sums_and_split_edits(zoo, vision_run):

@@ -353,8 +353,10 @@ def test_suite_evaluation_is_a_parent_run_with_nested_runs_and_metrics(stack, pi
     assert (parent.data.params["suite"], parent.data.params["preset"]) == ("vision", "tiny")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     rows = {r.info.run_name for r in children}
-    assert {"base", "individual", "weight_average", "task_arithmetic", "ties",
-            "shared_ta[one-sided]", "shared_ties[one-sided]", "tsv_m"} == rows  # fmt: skip
+    variants = ("one-sided", "two-sided")
+    split_rows = {f"{m}[{v}]" for m in ("shared_ta", "shared_ties") for v in variants}
+    assert {"base", "individual", "weight_average", "task_arithmetic", "ties", *split_rows,
+            "tsv_m", "iso_c", "iso_cts"} == rows  # fmt: skip
     for child in children:
         assert child.info.status == "FINISHED"
         metrics = child.data.metrics

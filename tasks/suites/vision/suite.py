@@ -13,7 +13,8 @@ on real images?
   splits; a row's score is the mean over tasks.
 
 Presets: ``small`` (CI: small zoo, one seed, coarse grids), ``full`` (the demo, 3 seeds),
-``tiny`` (three tasks, a few training steps, one grid point per merge: the real-server test).
+``tiny`` (three tasks, a few training steps, every row on a short grid: the default test run
+and the real-server test).
 The chosen one-sided shared-augmented merge of the first seed is written as a model folder.
 
 Declarations import pydantic only (the zoo, torch and the evaluator load in the methods).
@@ -81,14 +82,13 @@ SMALL: dict[str, Any] = {
     "shared_weights": (1.0,),
     "subspace_scales": (0.5, 1.0, 1.5),
 }
+# Every row of the table, a short grid each: `make test`'s run and the real-server test.
 TINY: dict[str, Any] = {
     "zoo": "tiny",
-    "scales": (0.5, 1.0),
-    "ties_scales": (1.0,),
+    "scales": (0.2, 0.5),
+    "ties_scales": (0.6, 1.0),
     "shared_weights": (1.0,),
-    "subspace_scales": (1.0,),
-    "variants": ("one-sided",),
-    "subspace_methods": ("tsv_m",),
+    "subspace_scales": (0.5, 1.0),
 }
 
 
@@ -100,7 +100,7 @@ class VisionSuite(Suite):
     description = "ConvNeXt zoo on ≥ 6 image tasks: shared-part merges against the baselines."
     settings_model = VisionSettings
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
-        "tiny": TINY,  # three tasks, minutes of training: the integration test's run
+        "tiny": TINY,  # three tasks, seconds of training: `make test` and the server test
         "small": SMALL,
         "full": {},
     }
@@ -120,8 +120,10 @@ class VisionSuite(Suite):
                 "name": "tiny",
                 "tasks": ("mnist", "mnist_parity", "digits"),
                 "sizes": SplitSizes(train=300, val=64, test=128),
-                "pretrain": TrainSpec(steps=30, batch_size=64, lr=2e-3, weight_decay=0.05),
-                "finetune": TrainSpec(steps=40, batch_size=32, lr=1e-3),
+                # 60/60 steps: each fine-tune beats the base on its task by 6-13 points
+                # (at 30/40 the parity fine-tune scored below the base).
+                "pretrain": TrainSpec(steps=60, batch_size=64, lr=2e-3, weight_decay=0.05),
+                "finetune": TrainSpec(steps=60, batch_size=32, lr=1e-3),
                 "probe_iterations": 50,
             }
             return ZooConfig.small(**{**tiny, **changes})
