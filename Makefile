@@ -36,10 +36,12 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -m "not slow and not integration" -q
+	$(PY) -m pytest -m "not slow and not integration" -q --durations=10
 
+# The small vision zoo, the style suite end to end, three CLI processes on one lease, mergekit.
+# PYTEST_ARGS: more pytest options (.ci/run deselects the mergekit test `make crosscheck` ran).
 test-slow: install
-	$(PY) -m pytest -m "slow and not integration" -q
+	$(PY) -m pytest -m "slow and not integration" -q --durations=10 $(PYTEST_ARGS)
 
 # Real servers as processes on 127.0.0.1 (Prefect, Dask, MLflow, moto S3); .ci/run runs it.
 test-integration: install
