@@ -36,6 +36,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -m "not slow and not integration" -q --durations=10
 
 # The small vision zoo, the style suite end to end, three CLI processes on one lease, mergekit.
