@@ -522,10 +522,16 @@ class EntryWriter:
     def __init__(self, group: zarr.Group, label: str) -> None:
         self._group = group
         self.label = label
+        self._complete: set[str] | None = None  # listed once, then kept up to date
 
     def completed(self) -> set[str]:
-        """Names of the parameters already written completely (kept on resume)."""
-        return {param_name(key) for key, array in self._group.arrays() if is_complete(array)}
+        """Names of the parameters already written completely (kept on resume): the store
+        is listed on the first call; later calls add what this writer wrote since."""
+        if self._complete is None:
+            self._complete = {
+                param_name(key) for key, array in self._group.arrays() if is_complete(array)
+            }
+        return set(self._complete)
 
     def write_factors(self, name: str, delta: LowRankDelta, attrs: Mapping[str, Any]) -> int:
         """Store a LoRA ΔW as its factors (one packed array, float32) under `name`; return the
@@ -579,7 +585,12 @@ class EntryWriter:
             "tvsplit_version": tvsplit_version(),
         }
         write_array(self._group, param_key(name), data, meta, shape=stored)
+        self._written(name)
         return math.prod(stored) * ITEMSIZE
+
+    def _written(self, name: str) -> None:
+        if self._complete is not None:
+            self._complete.add(name)
 
     def copy_array(
         self,
@@ -593,6 +604,7 @@ class EntryWriter:
         are (``data=None``: all zeros of `shape`, no chunk written); for
         ``storage.upgrade``, which rewrites an older format's arrays unchanged."""
         write_array(self._group, param_key(name), data, attrs, shape=shape)
+        self._written(name)
 
     def finish(self, parameters: Sequence[str], attrs: Mapping[str, Any]) -> None:
         """Mark the entry complete with its manifest (`parameters`, in order) and `attrs`.

@@ -50,7 +50,7 @@ from tvsplit.storage.lease import (
 from tvsplit.storage.object_store import storage_options
 from tvsplit.storage.provenance import utc_now
 from tvsplit.storage.staging import STAGING
-from tvsplit.storage.writes import ATTRS, COMPLETE, PARTIAL, is_complete, node_attrs
+from tvsplit.storage.writes import ATTRS, COMPLETE, PARTIAL, ZARR_JSON, is_complete, node_attrs
 
 __all__ = ["GRACE_HOURS", "KEEP", "REMOVE", "Finding", "collect", "remove"]
 
@@ -226,6 +226,22 @@ def _bases(
         for param, group in params:
             per_param: list[Finding] = []
             packs = sorted(group.arrays())
+            listed = {pack for pack, _ in packs}
+            # Chunks of a pack whose write stopped before its metadata: no node, only files.
+            orphans = [
+                name
+                for name in files.children(f"{folder}/{param}")
+                if name not in listed and name != ZARR_JSON
+            ]
+            for orphan in orphans:
+                path = f"{folder}/{param}/{orphan}"
+                idle, nbytes, how = _idle(files, path, grace, now)
+                if idle:
+                    per_param.append(
+                        Finding(
+                            family, path, "basis pack", f"cut short, no metadata, {how}", nbytes
+                        )
+                    )
             for pack, array in packs:
                 path = f"{folder}/{param}/{pack}"
                 attrs = node_attrs(array)
@@ -250,15 +266,15 @@ def _bases(
                             nbytes,
                         )
                     )
-            if packs and len(per_param) == len(packs):  # the whole parameter folder goes
+            children = len(packs) + len(orphans)
+            if children and len(per_param) == children:  # the whole parameter folder goes
                 nbytes, _ = files.usage(f"{folder}/{param}")
                 per_param = [
                     Finding(
                         family,
                         f"{folder}/{param}",
                         "basis packs",
-                        f"{len(packs)} pack(s): "
-                        + "; ".join(sorted({f.reason for f in per_param})),
+                        f"{children} pack(s): " + "; ".join(sorted({f.reason for f in per_param})),
                         nbytes,
                     )
                 ]

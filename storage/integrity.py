@@ -42,6 +42,7 @@ __all__ = [
     "chunk_manifest",
     "has_checksums",
     "read_checked",
+    "stored_manifest",
     "warn_once",
 ]
 
@@ -69,17 +70,17 @@ def checksum_codec() -> Crc32cCodec:
     return Crc32cCodec()
 
 
-def has_checksums(array: zarr.Array) -> bool:
+def has_checksums(array: zarr.AsyncArray | zarr.Array) -> bool:
     """True if the array's chunks carry a CRC-32C (written by this version or later)."""
     return any(isinstance(codec, Crc32cCodec) for codec in array.compressors)
 
 
-def _chunk_keys(array: zarr.Array) -> list[str]:
+def _chunk_keys(array: zarr.AsyncArray | zarr.Array) -> list[str]:
     encode = array.metadata.encode_chunk_key
     return [encode(coords) for coords in np.ndindex(*array.cdata_shape)]
 
 
-async def _suffixes(array: zarr.Array, keys: list[str]) -> list[bytes | None]:
+async def _suffixes(array: zarr.AsyncArray | zarr.Array, keys: list[str]) -> list[bytes | None]:
     prototype = default_buffer_prototype()
     request = SuffixByteRequest(4)
     base = array.store_path
@@ -91,18 +92,20 @@ async def _suffixes(array: zarr.Array, keys: list[str]) -> list[bytes | None]:
     return list(await asyncio.gather(*(one(key) for key in keys)))
 
 
-def chunk_manifest(array: zarr.Array) -> dict[str, str] | None:
+async def stored_manifest(array: zarr.AsyncArray | zarr.Array) -> dict[str, str] | None:
     """{chunk key: stored CRC-32C (hex)} of every chunk the store holds for ``array`` (chunks
-    never written, which read as the fill value, are left out). Call it after the data.
+    never written, which read as the fill value, are left out). Await it after the data.
     None for an array without the checksum codec (nothing to record)."""
     if not has_checksums(array):
         return None
     keys = _chunk_keys(array)
-    return {
-        key: tail.hex()
-        for key, tail in zip(keys, sync(_suffixes(array, keys)), strict=True)
-        if tail is not None
-    }
+    tails = await _suffixes(array, keys)
+    return {key: tail.hex() for key, tail in zip(keys, tails, strict=True) if tail is not None}
+
+
+def chunk_manifest(array: zarr.Array) -> dict[str, str] | None:
+    """`stored_manifest`, from synchronous code."""
+    return sync(stored_manifest(array))
 
 
 def _advice(label: str) -> str:

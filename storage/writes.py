@@ -2,11 +2,13 @@
 
 Every node tvsplit writes in Zarr (a catalogue entry's arrays, a decomposition run's
 parameter groups, a basis pack) carries its attrs under the ``tvsplit`` key, with a
-``status``. A node is created ``partial`` with its attrs, its data is written, and only
-then is it marked ``complete``: a reader trusts complete nodes only, so a crash at any
-point leaves nothing half-written that passes for complete, and a rerun redoes exactly the
-nodes that are not complete. A node whose metadata cannot be read (cut short by a crash)
-counts as partial.
+``status``. A group is created ``partial`` with its attrs, its arrays are written, and only
+then is it marked ``complete``. An array's chunks are written first and its metadata last,
+in one write, already ``complete`` (`write_array`): until then there is no array to read,
+only chunks, which the next write of the name removes (and `storage.gc` once idle). A
+reader trusts complete nodes only, so a crash at any point leaves nothing half-written that
+passes for complete, and a rerun redoes exactly the nodes that are not complete. A node
+whose metadata cannot be read (cut short by a crash) counts as partial.
 
 The catalogue's root carries the format version of its layout (``FORMAT_VERSION``, written
 by `mark_format` when a catalogue is created and by ``tvsplit catalogue upgrade``); a
@@ -22,15 +24,24 @@ read as they are.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from tvsplit.storage.integrity import MANIFEST, checksum_codec, chunk_manifest
+from tvsplit.storage.integrity import MANIFEST, checksum_codec, stored_manifest
 from tvsplit.storage.lazy import lazy_module
+from zarr import AsyncArray
 from zarr.codecs import BloscCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata import ArrayV3Metadata
+from zarr.core.sync import sync
+from zarr.errors import ZarrUserWarning
+from zarr.storage import MemoryStore, StorePath
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +49,7 @@ else:
     torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
 
 ATTRS = "tvsplit"
+ZARR_JSON = "zarr.json"
 COMPLETE = "complete"
 PARTIAL = "partial"
 #: The compressor of every array tvsplit writes: Blosc's LZ4 after a byte shuffle (the four
@@ -66,6 +78,13 @@ ITEMSIZE = 4  # float32
 #: measured), and an all-zero chunk compresses to almost nothing. (An all-zero array given
 #: as ``data=None`` still stores no chunk.)
 WRITE_CONFIG = {"write_empty_chunks": True}
+# An array whose write was cut short has chunks but no metadata (`write_array`): no node, by
+# design, which zarr reports with a warning on every listing of its group. Not news to a user.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Object at .* is not recognized as a component of a Zarr hierarchy",
+    category=ZarrUserWarning,
+)
 
 
 def row_chunks(shape: Sequence[int], itemsize: int = ITEMSIZE) -> tuple[int, ...]:
@@ -143,6 +162,60 @@ def mark_complete(node: zarr.Group | zarr.Array, attrs: Mapping[str, Any]) -> No
     node.attrs[ATTRS] = {**attrs, "status": COMPLETE}
 
 
+def _join(*parts: str) -> str:
+    return "/".join(part for part in parts if part)
+
+
+def array_metadata(shape: tuple[int, ...]) -> ArrayV3Metadata:
+    """The zarr metadata (no attrs) of a float32 array of ``shape`` stored the catalogue's
+    way (`row_chunks`, `codecs`, fill value 0): made by zarr's own ``create_array`` in
+    memory, once per shape and codecs, so it is exactly what zarr would write."""
+    chosen = codecs()
+    key = (tuple(shape), repr(chosen))
+    if key not in _METADATA:
+        template = zarr.create_array(
+            MemoryStore(), shape=shape, dtype="float32", chunks=row_chunks(shape) if shape else (),
+            compressors=chosen, fill_value=0.0,
+        )  # fmt: skip
+        assert isinstance(template.metadata, ArrayV3Metadata)
+        _METADATA[key] = template.metadata
+    return _METADATA[key]
+
+
+_METADATA: dict[tuple[tuple[int, ...], str], ArrayV3Metadata] = {}
+
+
+async def _write_node(
+    store_path: StorePath, data: np.ndarray | None, metadata: ArrayV3Metadata, attrs: Any
+) -> tuple[AsyncArray, dict[str, str] | None]:
+    """Write one array at `store_path`: whatever was there goes (its metadata first, so a
+    crash part-way never leaves old metadata over a mix of chunks), the chunks are written,
+    their manifest read back by key, and only then the metadata, in one write with
+    ``attrs`` (``None``: no tvsplit attrs, for a group's arrays whose manifests the group
+    records). Until that last write the node has no metadata: readers do not see it."""
+    await (store_path / ZARR_JSON).delete()
+    await store_path.delete_dir()
+    array = AsyncArray(metadata=metadata, store_path=store_path, config=WRITE_CONFIG)
+    manifest: dict[str, str] | None = {}
+    if data is not None:
+        await array.setitem(Ellipsis, data)
+        manifest = await stored_manifest(array)
+    if attrs is not None:
+        recorded = {**attrs, MANIFEST: manifest} if manifest is not None else dict(attrs)
+        metadata = metadata.update_attributes({ATTRS: {**recorded, "status": COMPLETE}})
+    prototype = default_buffer_prototype()
+    await (store_path / ZARR_JSON).set(metadata.to_buffer_dict(prototype)[ZARR_JSON])
+    return AsyncArray(metadata=metadata, store_path=store_path, config=WRITE_CONFIG), manifest
+
+
+async def _ensure_groups(store_path: StorePath, names: Sequence[str]) -> None:
+    """Plain group metadata at each of ``names`` under ``store_path`` where none is (zarr
+    writes it only if absent, so two writers of the same folder do not collide)."""
+    group = GroupMetadata(zarr_format=3).to_buffer_dict(default_buffer_prototype())[ZARR_JSON]
+    for index in range(len(names)):
+        await (store_path / _join(*names[: index + 1]) / ZARR_JSON).set_if_not_exists(group)
+
+
 def write_array(
     group: zarr.Group,
     name: str,
@@ -153,26 +226,30 @@ def write_array(
 ) -> zarr.Array:
     """Write one float32 array under `name` by the protocol and return it.
 
+    For an array the protocol takes one metadata write: the chunks are written first and
+    the metadata last, marked complete with the chunks' manifest, so a crash leaves either
+    the complete array or none a reader sees (chunks without metadata are no node; the
+    next write of `name` removes them). The parent `group` exists, so its ancestors are not
+    checked again (zarr's ``create_array`` checks and writes every ancestor of the array:
+    ten store requests for an entry's array, more than its data takes for small arrays).
+
     ``data=None`` with ``shape`` stores an all-zero array without writing any chunk (zarr's
     fill value). Replaces whatever an earlier attempt left under `name`; `name` may be a
-    path (missing parent groups are created in the same call, which does not race)."""
-    shape = tuple(data.shape if data is not None else (shape or ()))
-    array = group.create_array(
-        name=name,
-        shape=shape,
-        dtype="float32",
-        chunks=row_chunks(shape),
-        compressors=codecs(),
-        fill_value=0.0,
-        attributes={ATTRS: {**attrs, "status": PARTIAL}},
-        overwrite=True,
-        config=WRITE_CONFIG,
-    )
+    path (missing intermediate groups are written only if absent, which does not race)."""
+    shape = tuple(int(s) for s in (data.shape if data is not None else (shape or ())))
     if data is not None:
-        array[...] = data
-    manifest = chunk_manifest(array)
-    mark_complete(array, {**attrs, MANIFEST: manifest} if manifest is not None else attrs)
-    return array
+        data = np.ascontiguousarray(data, dtype=np.float32)
+    *folders, _ = name.split("/")
+    base = StorePath(group.store, group.path)
+    metadata = array_metadata(shape)
+
+    async def write() -> AsyncArray:
+        if folders:
+            await _ensure_groups(base, folders)
+        array, _ = await _write_node(base / name, data, metadata, attrs)
+        return array
+
+    return zarr.Array(sync(write()))
 
 
 def write_group(
@@ -184,23 +261,23 @@ def write_group(
     partial_attrs: Mapping[str, Any] | None = None,
 ) -> zarr.Group:
     """Write a group of float32 arrays under `name` by the protocol: the group is created
-    partial (with `partial_attrs`), its arrays written, then it is marked complete with
-    `attrs`. Replaces whatever an earlier attempt left under `name`."""
+    partial (with `partial_attrs`), its arrays written (concurrently), then it is marked
+    complete with `attrs` and their manifests. Replaces whatever an earlier attempt left
+    under `name`."""
     group = parent.create_group(
         name, overwrite=True, attributes={ATTRS: {**(partial_attrs or {}), "status": PARTIAL}}
     )
-    manifests = {}
-    for key, data in arrays.items():
-        array = group.create_array(
-            name=key,
-            data=data,
-            chunks=row_chunks(data.shape) if data.ndim else (),
-            compressors=codecs(),
-            fill_value=0.0,
-            overwrite=True,
-            config=WRITE_CONFIG,
+    base = StorePath(group.store, group.path)
+    data = {key: np.ascontiguousarray(value, np.float32) for key, value in arrays.items()}
+    metadata = {key: array_metadata(tuple(value.shape)) for key, value in data.items()}
+
+    async def write() -> list[dict[str, str] | None]:
+        written = await asyncio.gather(
+            *(_write_node(base / key, data[key], metadata[key], None) for key in data)
         )
-        manifests[key] = chunk_manifest(array)
+        return [manifest for _, manifest in written]
+
+    manifests = dict(zip(data, sync(write()), strict=True))
     unrecorded = None in manifests.values()
     mark_complete(group, attrs if unrecorded else {**attrs, MANIFEST: manifests})
     return group

@@ -108,6 +108,56 @@ def test_partial_entries_are_invisible_and_resume_keeps_complete_arrays(tmp_path
     assert cat.has_base("fam")
 
 
+class Killed(BaseException):
+    """A stop no handler catches, raised inside the write (on zarr's event loop)."""
+
+
+@pytest.mark.parametrize("url", ["local", "memory"])
+def test_an_array_write_cut_short_leaves_no_node_and_the_rewrite_replaces_it(
+    tmp_path, monkeypatch, url
+) -> None:
+    """The chunks are written before the array's one metadata write: stopped in between,
+    the chunks are there but no array is (nothing to take for complete, no warning when the
+    group is listed); the next write of the name removes them and writes the array whole."""
+    import uuid
+    import warnings
+
+    import tvsplit.storage.writes as writes
+
+    url = str(tmp_path / "cat.zarr") if url == "local" else f"memory://{uuid.uuid4().hex}/c.zarr"
+    cat = Catalogue(url)
+    writer = cat.writer("fam", None, FP)
+    writer.write("a", torch.ones(3), {})
+    real = writes.stored_manifest
+
+    async def cut(array):
+        raise Killed
+
+    monkeypatch.setattr(writes, "stored_manifest", cut)
+    with pytest.raises(Killed):
+        writer.write("b", torch.full((600, 700), 2.0), {})
+    monkeypatch.setattr(writes, "stored_manifest", real)
+    group = zarr.open_group(url, mode="r", path="families/fam/base")
+    stored = zarr.storage.StorePath(group.store, group.path)
+    chunks = [key for key in zarr.core.sync.sync(_keys(stored)) if key.startswith("b/")]
+    assert chunks and "b/zarr.json" not in chunks  # the data, without metadata
+    with warnings.catch_warnings(record=True) as shown:  # the filters as a user has them
+        assert [key for key, _ in group.arrays()] == ["a"]
+        again = Catalogue(url).writer("fam", None, FP)
+        assert again.completed() == {"a"}
+    assert [str(w.message) for w in shown] == []
+    again.write("b", torch.full((600, 700), 3.0), {})
+    again.finish(["a", "b"], {})
+    assert torch.equal(cat.read("fam", "b"), torch.full((600, 700), 3.0))
+    left = [key for key in zarr.core.sync.sync(_keys(stored)) if key.startswith("b/")]
+    assert sorted(left) == sorted({"b/zarr.json", *chunks})  # same keys, rewritten
+
+
+async def _keys(store_path) -> list[str]:
+    prefix = store_path.path + "/"
+    return [key.removeprefix(prefix) async for key in store_path.store.list_prefix(prefix)]
+
+
 def test_bad_names_are_rejected(tmp_path) -> None:
     cat = Catalogue(str(tmp_path / "cat.zarr"))
     with pytest.raises(ValueError, match="family name"):

@@ -215,3 +215,42 @@ def test_cli_gc_bad_grace_is_one_line(grace, tmp_path, monkeypatch):
     monkeypatch.setenv("TVSPLIT_DATA", str(tmp_path))
     result = CliRunner().invoke(app, ["catalogue", "gc", "--grace", grace])
     assert result.exit_code == 2 and "--grace" in result.output
+
+
+class Killed(BaseException):
+    """A stop no handler catches, raised inside the write (on zarr's event loop)."""
+
+
+def test_a_pack_cut_short_before_its_metadata_goes_once_idle(tmp_path, monkeypatch):
+    """A pack whose chunks were written but not its metadata is no node (readers and the
+    cache never see it); gc removes its folder once idle, and only it."""
+    import tvsplit.storage.writes as writes
+    from tvsplit.storage.names import param_key
+
+    url = str(tmp_path / "catalogue.zarr")
+    cat = Catalogue(url)
+    for member in (None, "m0"):
+        _entry(cat, member, f"synthetic:{member}")
+    prints = {"m0": member_fingerprint(cat, "fam", "m0")}
+    _pack(cat, "b2-aaa", prints)  # current: stays
+
+    async def cut(array):
+        raise Killed
+
+    monkeypatch.setattr(writes, "stored_manifest", cut)
+    with pytest.raises(Killed):
+        _pack(cat, "b2-aaa", {"m0": "another"})
+    monkeypatch.undo()
+    folder = Path(url) / f"families/fam/bases/b2-aaa/{param_key(W)}"
+    cut_short = [p for p in folder.iterdir() if p.is_dir() and not (p / "zarr.json").exists()]
+    assert len(cut_short) == 1 and any(p.is_file() for p in cut_short[0].rglob("*"))
+    assert list(BasisCache(cat, "fam", "b2-aaa").get(W, prints)) == ["m0"]
+    assert _paths(_gc(cat)) == set()  # not idle yet: it could be a write under way
+    _age(Path(url), 2 * DAY)
+    findings = _gc(cat)
+    expected = f"families/fam/bases/b2-aaa/{param_key(W)}/{cut_short[0].name}"
+    assert _paths(findings) == {expected}
+    assert "no metadata" in findings[0].reason and findings[0].nbytes > 0
+    remove(cat, findings)
+    assert not cut_short[0].exists()
+    assert list(BasisCache(Catalogue(url), "fam", "b2-aaa").get(W, prints)) == ["m0"]
