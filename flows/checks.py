@@ -40,6 +40,11 @@ class DecomposeError(RuntimeError):
     """A decomposition that cannot start or did not finish; the message says why."""
 
 
+class SchedulerLostError(DecomposeError):
+    """The connection to the Dask scheduler was lost mid-run; what was saved is kept and a
+    rerun finishes the run."""
+
+
 # --------------------------------------------------------------------------- edit
 @dataclass(frozen=True)
 class CheckedEdit:

@@ -29,18 +29,21 @@ import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
+from prefect.states import Failed
 from tvsplit.flows.checks import (
     DecomposeError,
+    SchedulerLostError,
     check_scheduler,
     check_settings_for_family,
     check_workers,
     plan,
 )
-from tvsplit.flows.console import progress_bars
+from tvsplit.flows.console import debug_enabled, progress_bars
 from tvsplit.flows.settings import Settings, load_settings, prefect_run_settings
 from tvsplit.flows.tracking import use_experiment
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import BasisCache, DecompositionRun
+from tvsplit.storage.errors import one_line
 from tvsplit.storage.lease import Holder, Lease, LeaseBusyError, run_lease
 from tvsplit.tasks.decompose_job import (
     SplitSettings,
@@ -60,7 +63,14 @@ from tvsplit.tasks.report import (
 )
 
 LOOPBACK = "127.0.0.1"
-__all__ = ["DecomposeError", "DecomposeResult", "decompose_family", "plan", "run_decompose"]
+__all__ = [
+    "DecomposeError",
+    "DecomposeResult",
+    "SchedulerLostError",
+    "decompose_family",
+    "plan",
+    "run_decompose",
+]
 
 
 @dataclass
@@ -106,14 +116,53 @@ def decompose_family(
     chosen, parameters = plan(catalogue, family, members)
     fingerprints = {m: member_fingerprint(catalogue, family, m) for m in chosen}
     run = run_id(family, chosen, settings, fingerprints)
-    lease = claim_run(catalogue, family, run, wait=wait, say=logger.warning)
     try:
-        return _split_run(
-            logger, app_settings, catalogue, family, run, chosen, parameters, fingerprints,
-            settings, gpu=gpu, track=track, show_progress=show_progress, batches=batches,
-        )  # fmt: skip
-    finally:
-        lease.release()
+        lease = claim_run(catalogue, family, run, wait=wait, say=logger.warning)
+        try:
+            return _split_run(
+                logger, app_settings, catalogue, family, run, chosen, parameters, fingerprints,
+                settings, gpu=gpu, track=track, show_progress=show_progress, batches=batches,
+            )  # fmt: skip
+        finally:
+            lease.release()
+    except DecomposeError as error:
+        # The run ends Failed with the message, and the caller gets the error, without the
+        # flow engine logging a traceback of what is a reported outcome, not a bug.
+        return Failed(message=str(error), data=error)  # type: ignore[return-value]
+
+
+#: How a Dask future reports that its client lost the scheduler (distributed's
+#: FutureCancelledError reason, and the message of a comm closed under it).
+_LOST = ("scheduler-connection-lost", "lost the connection to the scheduler")
+
+
+def scheduler_lost(error: BaseException) -> bool:
+    """Whether a job's error means the connection to the Dask scheduler was lost (every job
+    in flight is cancelled then), not that the job itself failed."""
+    from distributed.comm.core import CommClosedError
+
+    text = f"{getattr(error, 'reason', '')} {error}".lower()
+    return isinstance(error, CommClosedError) or any(mark in text for mark in _LOST)
+
+
+def failure_error(
+    run: str, failed: dict[str, str], total: int, *, lost: bool, shown: int = 3
+) -> DecomposeError:
+    """The one error a run with unfinished parameters ends with: a lost scheduler said as
+    such (SchedulerLostError), else the first ``shown`` failures and how many more."""
+    saved = total - len(failed)
+    if lost:
+        return SchedulerLostError(
+            f"run {run}: the connection to the Dask scheduler was lost mid-run; {saved} of "
+            f"{total} parameter(s) are saved and kept; start the scheduler again (or use "
+            f"another) and rerun the same command to split the other {len(failed)}"
+        )
+    first = "; ".join(f"{name}: {why}" for name, why in list(failed.items())[:shown])
+    more = f"; and {len(failed) - shown} more" if len(failed) > shown else ""
+    return DecomposeError(
+        f"run {run}: {len(failed)} of {total} parameter(s) failed after retries ({first}"
+        f"{more}); the others are saved, rerun to finish"
+    )
 
 
 def claim_run(
@@ -177,6 +226,7 @@ def _split_run(
             for group in groups
         }
     errors: dict[str, str] = {}
+    lost = False
     progress = (
         _ParameterProgress(store, todo, f"splitting {family}")
         if show_progress and todo
@@ -188,9 +238,13 @@ def _split_run(
             try:
                 reports = future.result()
             except Exception as error:  # reported below; the other batches go on
+                lost |= scheduler_lost(error)
                 for name in group:
-                    errors[name] = f"{type(error).__name__}: {error}"
-                logger.error("a batch of %d parameter(s) failed: %s", len(group), error)
+                    errors[name] = f"{type(error).__name__}: {one_line(str(error))}"
+                if not lost:  # a lost scheduler cancels every batch: said once, below
+                    logger.warning(
+                        "a batch of %d parameter(s) failed: %s", len(group), one_line(str(error))
+                    )
                 continue
             result.bases_computed += sum(int(r["bases_computed"]) for r in reports)
     complete = store.completed()
@@ -210,11 +264,7 @@ def _split_run(
         description=f"Decomposition {family}/{run}: one row per parameter",
     )
     if result.failed:
-        failures = "; ".join(f"{name}: {why}" for name, why in result.failed.items())
-        raise DecomposeError(
-            f"run {run}: {len(result.failed)} of {len(parameters)} parameter(s) failed after "
-            f"retries ({failures}); the others are saved, rerun to finish"
-        )
+        raise failure_error(run, result.failed, len(parameters), lost=lost)
     store.finish({"bases_computed": result.bases_computed})
     if track:
         result.mlflow_run_id = _track(app_settings, result, settings)
@@ -318,6 +368,12 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
 
     # distributed sets its logger to INFO on import: cluster start/stop chatter, not news.
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    # A lost scheduler is reported once, as the run's error (`failure_error`); the client's
+    # attempts to reconnect would log it again, each with a traceback (shown with --debug).
+    quiet = [] if debug_enabled() else [logging.getLogger(f"distributed.{n}") for n in _CHATTY]
+    levels = [(logger, logger.level) for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
 
     cluster = None
     threads = torch.get_num_threads()
@@ -361,6 +417,11 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
         if cluster is not None:
             cluster.close()
         torch.set_num_threads(threads)
+        for logger, level in levels:
+            logger.setLevel(level)
+
+
+_CHATTY = ("client", "utils")  # distributed's loggers of a client's lost connection
 
 
 def run_decompose(

@@ -288,3 +288,24 @@ def test_repository_wide_decomposition(prefect_harness, catalogue):
     assert report["fam"]["status"] == "done" and report["fam"]["computed"] == len(PARAMS)
     again = decompose_catalogue(catalogue_url=catalogue.url, track=False)["decomposed"]
     assert again["fam"] == {"status": "unchanged"}  # a finished run: no flow started
+
+
+def test_a_lost_scheduler_is_told_apart_and_failures_are_one_short_line():
+    """Jobs cancelled because the client lost its scheduler end the run with one line
+    saying so (SchedulerLostError); other failures list the first three and a count."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from tvsplit.flows.decompose import SchedulerLostError, failure_error, scheduler_lost
+
+    assert scheduler_lost(FutureCancelledError("job-1", "scheduler-connection-lost"))
+    assert scheduler_lost(CommClosedError("in <TCP>: Stream is closed"))
+    assert not scheduler_lost(FutureCancelledError("job-1", "cancelled by the user"))
+    assert not scheduler_lost(OSError("disk on fire"))
+    failed = {f"p{i}": "OSError: disk on fire" for i in range(5)}
+    lost = failure_error("r1", failed, 12, lost=True)
+    assert isinstance(lost, SchedulerLostError)
+    assert "scheduler was lost" in str(lost) and "7 of 12" in str(lost) and "other 5" in str(lost)
+    other = failure_error("r1", failed, 12, lost=False)
+    assert not isinstance(other, SchedulerLostError) and "\n" not in str(other)
+    assert str(other).count("disk on fire") == 3 and "and 2 more" in str(other)
+    assert str(other).startswith("run r1: 5 of 12 parameter(s) failed after retries")

@@ -543,3 +543,135 @@ def test_serve_registers_its_schedule_and_runs(stack, spec, pipeline):
     finally:
         settings.__exit__(None, None, None)
         serve.stop()
+
+
+# -- a scheduler lost mid-run ------------------------------------------------------------------
+def _own_cluster(stack, tag: str) -> str:
+    """A Dask scheduler and one worker of this test's own (the stack's stay untouched);
+    they join ``stack.servers``, so they are stopped by pid with the rest."""
+    port = free_port()
+    logs = stack.root / "logs"
+    stack.servers[f"scheduler-{tag}"] = start(
+        f"scheduler-{tag}",
+        [executable("dask"), "scheduler", "--host", LOOPBACK, "--port", str(port),
+         "--dashboard-address", f"{LOOPBACK}:0"],
+        ready=lambda: port_open(port), logs=logs, env=stack.env,
+    )  # fmt: skip
+    address = f"tcp://{LOOPBACK}:{port}"
+    stack.servers[f"worker-{tag}"] = start(
+        f"worker-{tag}",
+        [executable("dask"), "worker", address, "--host", LOOPBACK, "--nworkers", "1",
+         "--nthreads", "1", "--name", f"worker-{tag}", "--dashboard-address", f"{LOOPBACK}:0"],
+        ready=lambda: True, logs=logs, env={**stack.env, "OMP_NUM_THREADS": "1"}, cwd=stack.root,
+    )  # fmt: skip
+    _wait_for_workers(address, {f"worker-{tag}"})
+    return address
+
+
+def _stored_run(catalogue: Path, family: str) -> dict[str, bytes]:
+    """Every array of the family's decomposition run, as bytes, by path."""
+    import numpy as np
+    import zarr
+
+    runs = zarr.open_group(str(catalogue / "families" / family / "decompositions"), mode="r")
+    (name, run), *others = list(runs.groups())
+    assert not others, [n for n, _ in runs.groups()]
+    return {
+        f"{name}/{key}/{array_name}": np.ascontiguousarray(array[...]).tobytes()
+        for key, group in run.groups()
+        for array_name, array in group.arrays()
+    }
+
+
+def test_a_scheduler_lost_mid_run_ends_cleanly_and_a_rerun_finishes_it(stack):
+    """SIGKILL of the scheduler while `tvsplit decompose --scheduler` runs: the command ends
+    with one error line saying so (exit 1, no traceback), the flow run is FAILED in the
+    Prefect server with that message, what was saved is intact and the run not complete;
+    on a new scheduler the same command finishes it, keeping the saved parameters, and the
+    result is bitwise the one of an uninterrupted run."""
+    import signal
+
+    from tvsplit.storage.catalogue import Catalogue
+    from tvsplit.storage.decompositions import DecompositionRun, list_runs
+    from tvsplit.storage.verify import verify_catalogue
+
+    family = "lost"
+    models = stack.root / "lost-models"
+    base = save_model(tiny_gpt2(0, n_layer=4), models / "base")  # 52 parameters
+    members = {f"ft{i}": finetuned_copy(base, models / f"ft{i}", seed=10 + i) for i in (1, 2, 3)}
+    spec = stack.root / "lost.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {"families": {family: {"base": str(base), "members": {m: str(p) for m, p in members.items()}}}}
+        )
+    )  # fmt: skip
+    catalogue, clean = stack.root / "lost.zarr", stack.root / "lost-clean.zarr"
+    # A client that lost its scheduler tries to reconnect for this long before it gives up.
+    env = {**stack.env, "TVSPLIT_CATALOGUE": str(catalogue),
+           "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "20s"}  # fmt: skip
+    done = subprocess.run(
+        [executable("tvsplit"), "ingest", str(spec), "--no-progress"],
+        env=env, cwd=stack.root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(catalogue, clean)
+
+    address = _own_cluster(stack, "doomed")
+    command = [executable("tvsplit"), "decompose", family, "--no-track", "--scheduler"]
+    split = subprocess.Popen(
+        [*command, address], env=env, cwd=stack.root, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    cat = Catalogue(str(catalogue))
+    deadline = time.monotonic() + 300
+    while True:  # until a few parameters are saved, not all
+        runs = [name for name, _ in list_runs(cat, family)] if split.poll() is None else []
+        saved = DecompositionRun(cat, family, runs[0]).completed() if runs else set()
+        if len(saved) >= 4 or split.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert split.poll() is None and 4 <= len(saved) < 52, (len(saved), split.poll())
+    doomed = stack.servers["scheduler-doomed"]
+    os.kill(doomed.pid, signal.SIGKILL)
+    doomed.process.wait(timeout=30)
+    out, err = split.communicate(timeout=300)
+    stack.servers["worker-doomed"].stop()  # it would keep trying to reach the dead scheduler
+
+    assert split.returncode == 1, (out[-2000:], err[-3000:])
+    assert "Traceback" not in err and "Traceback" not in out, err[-4000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: run ") and "the Dask scheduler was lost" in lines[-1], err
+    assert [line for line in lines if "error" in line.lower()] == [lines[-1]], err
+    (run_name, attrs), *_ = list_runs(cat, family)
+    assert attrs.get("status") != "complete"
+    kept = DecompositionRun(cat, family, run_name).completed()
+    assert len(saved) <= len(kept) < 52  # the worker may finish its job after the loss
+    assert all(row.status != "damaged" for row in verify_catalogue(cat))
+    client, settings = _prefect_client(stack)
+    try:
+        with client:
+            ended = [
+                r
+                for r in client.read_flow_runs()
+                if r.state and "scheduler was lost" in (r.state.message or "")
+            ]
+    finally:
+        settings.__exit__(None, None, None)
+    assert [r.state_type.value for r in ended] == ["FAILED"], ended
+
+    again = subprocess.run(
+        [*command, _own_cluster(stack, "again")], env=env, cwd=stack.root,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{52 - len(kept)} parameter(s) split, {len(kept)} already done" in " ".join(
+        again.stdout.split()
+    ), again.stdout[-2000:]
+    uninterrupted = subprocess.run(
+        [executable("tvsplit"), "decompose", family, "--no-track", "--catalogue", str(clean)],
+        env=env, cwd=stack.root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    resumed, reference = _stored_run(catalogue, family), _stored_run(clean, family)
+    assert resumed.keys() == reference.keys() and len(resumed) > 52
+    assert [k for k in resumed if resumed[k] != reference[k]] == []
