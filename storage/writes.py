@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from tvsplit.storage.integrity import MANIFEST, checksum_codec, stored_manifest
+from tvsplit.storage.integrity import MANIFEST, IntegrityError, checksum_codec, stored_manifest
 from tvsplit.storage.lazy import lazy_module
 from zarr import AsyncArray
 from zarr.codecs import BloscCodec
@@ -200,6 +200,15 @@ async def _write_node(
     if data is not None:
         await array.setitem(Ellipsis, data)
         manifest = await stored_manifest(array)
+        chunks = math.prod(array.cdata_shape)
+        if manifest is not None and len(manifest) != chunks:
+            # Every chunk was just written (empty ones too): one gone means another writer
+            # replaced the node meanwhile; completing it would record a manifest with a hole.
+            raise IntegrityError(
+                f"{store_path}: {chunks - len(manifest)} of {chunks} chunk(s) vanished while "
+                "the array was written (another process writing the same node?); nothing "
+                "was marked complete: rerun"
+            )
     if attrs is not None:
         recorded = {**attrs, MANIFEST: manifest} if manifest is not None else dict(attrs)
         metadata = metadata.update_attributes({ATTRS: {**recorded, "status": COMPLETE}})

@@ -153,6 +153,29 @@ def test_an_array_write_cut_short_leaves_no_node_and_the_rewrite_replaces_it(
     assert sorted(left) == sorted({"b/zarr.json", *chunks})  # same keys, rewritten
 
 
+def test_a_chunk_removed_by_another_writer_mid_write_is_refused(tmp_path, monkeypatch) -> None:
+    """A chunk gone between the data and the metadata (another process replacing the same
+    node) fails the write: the array is not marked complete with a manifest that has a
+    hole, which would read the lost rows back as zeros."""
+    import tvsplit.storage.writes as writes
+    from tvsplit.storage.integrity import IntegrityError
+
+    url = str(tmp_path / "cat.zarr")
+    writer = Catalogue(url).writer("fam", None, FP)
+    real = writes.stored_manifest
+
+    async def racing(array):
+        (key, *_) = [k async for k in array.store_path.store.list_prefix(array.store_path.path)]
+        await array.store_path.store.delete(key)  # what the other writer's overwrite does
+        return await real(array)
+
+    monkeypatch.setattr(writes, "stored_manifest", racing)
+    with pytest.raises(IntegrityError, match="vanished while the array was written"):
+        writer.write("w", torch.ones(5, 4), {})
+    monkeypatch.setattr(writes, "stored_manifest", real)
+    assert Catalogue(url).writer("fam", None, FP).completed() == set()
+
+
 async def _keys(store_path) -> list[str]:
     prefix = store_path.path + "/"
     return [key.removeprefix(prefix) async for key in store_path.store.list_prefix(prefix)]
