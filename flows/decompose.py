@@ -357,6 +357,9 @@ def _track(app_settings: Settings, result: DecomposeResult, settings: SplitSetti
         return active.info.run_id
 
 
+_CHATTY = ("client", "utils")  # distributed's loggers of a client's lost connection
+
+
 @contextlib.contextmanager
 def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any]:
     """A Dask task runner for the flow: on ``scheduler`` (``tcp://host:8786``) or a fresh
@@ -419,9 +422,6 @@ def dask_cluster(scheduler: str | None, workers: int, gpu: bool) -> Iterator[Any
         torch.set_num_threads(threads)
         for logger, level in levels:
             logger.setLevel(level)
-
-
-_CHATTY = ("client", "utils")  # distributed's loggers of a client's lost connection
 
 
 def run_decompose(

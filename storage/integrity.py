@@ -39,7 +39,6 @@ __all__ = [
     "IntegrityWarning",
     "check_manifest",
     "checksum_codec",
-    "chunk_manifest",
     "has_checksums",
     "read_checked",
     "stored_manifest",
@@ -101,11 +100,6 @@ async def stored_manifest(array: zarr.AsyncArray | zarr.Array) -> dict[str, str]
     keys = _chunk_keys(array)
     tails = await _suffixes(array, keys)
     return {key: tail.hex() for key, tail in zip(keys, tails, strict=True) if tail is not None}
-
-
-def chunk_manifest(array: zarr.Array) -> dict[str, str] | None:
-    """`stored_manifest`, from synchronous code."""
-    return sync(stored_manifest(array))
 
 
 def _advice(label: str) -> str:

@@ -162,10 +162,6 @@ def mark_complete(node: zarr.Group | zarr.Array, attrs: Mapping[str, Any]) -> No
     node.attrs[ATTRS] = {**attrs, "status": COMPLETE}
 
 
-def _join(*parts: str) -> str:
-    return "/".join(part for part in parts if part)
-
-
 def array_metadata(shape: tuple[int, ...]) -> ArrayV3Metadata:
     """The zarr metadata (no attrs) of a float32 array of ``shape`` stored the catalogue's
     way (`row_chunks`, `codecs`, fill value 0): made by zarr's own ``create_array`` in
@@ -222,7 +218,7 @@ async def _ensure_groups(store_path: StorePath, names: Sequence[str]) -> None:
     writes it only if absent, so two writers of the same folder do not collide)."""
     group = GroupMetadata(zarr_format=3).to_buffer_dict(default_buffer_prototype())[ZARR_JSON]
     for index in range(len(names)):
-        await (store_path / _join(*names[: index + 1]) / ZARR_JSON).set_if_not_exists(group)
+        await (store_path / "/".join(names[: index + 1]) / ZARR_JSON).set_if_not_exists(group)
 
 
 def write_array(

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -98,6 +97,15 @@ def _gc(cat: Catalogue, **kwargs):
     return collect(cat, fingerprint=member_fingerprint, **kwargs)
 
 
+def _days_after_last_write(cat: Catalogue, days: float) -> float:
+    """A clock ``days`` after the catalogue's newest file was written, as gc reads files'
+    times (no wall clock: what is idle depends only on what the test wrote)."""
+    from tvsplit.storage.gc import _Files
+
+    _, newest = _Files(cat).usage("")
+    return newest + days * DAY
+
+
 def _age(root: Path, seconds: float) -> None:
     """Make every file of the catalogue `seconds` older (as if written that long ago)."""
     for path in root.rglob("*"):
@@ -161,7 +169,7 @@ def test_gc_removes_exactly_the_garbage_of_a_local_catalogue(tmp_path):
 def test_gc_on_a_memory_catalogue():
     cat = Catalogue(f"memory://gc-{uuid.uuid4().hex[:8]}/catalogue.zarr")
     _build(cat)
-    later = time.time() + 2 * DAY
+    later = _days_after_last_write(cat, 2)
     findings = _gc(cat, now=later)
     assert {
         "families/fam/decompositions/r-gone",
@@ -182,9 +190,10 @@ def test_a_running_decompose_keeps_its_run(tmp_path):
 
     lease = run_lease(cat, "fam", "r-busy").acquire()
     _run(cat, "r-busy", ["m0"], {"s": 1}, finish=False)
-    assert _gc(cat, now=time.time() + 2 * DAY) == []
+    later = _days_after_last_write(cat, 2)
+    assert _gc(cat, now=later) == []
     lease.release()
-    assert _paths(_gc(cat, now=time.time() + 2 * DAY)) == {"families/fam/decompositions/r-busy"}
+    assert _paths(_gc(cat, now=later)) == {"families/fam/decompositions/r-busy"}
 
 
 def test_cli_gc_dry_run_then_superseded(tmp_path, monkeypatch):
