@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from tvsplit.storage.catalogue import Catalogue
+from tvsplit.storage.lora import ADAPTER_CONFIG
 from tvsplit.tasks.edit import EditInputs, apply_edit, get_method
 
 State = dict[str, torch.Tensor]
@@ -101,7 +102,10 @@ class FamilyTensors:
 
 
 def member_model(tensors: FamilyTensors, source: str, member: str) -> State | Path:
-    """A member's own model for evaluation: its source folder when it is a local folder
-    (bit-exact), else θ0 + τ from the catalogue."""
+    """A member's own model for evaluation: its source folder when it is a local model
+    folder (bit-exact), else θ0 + τ from the catalogue (hub ids, task vectors, and adapters:
+    θ0 + ΔW is what PEFT's merge computes)."""
     path = Path(source)
-    return path if path.is_dir() else tensors.member_state(member)
+    if path.is_dir() and not (path / ADAPTER_CONFIG).is_file():
+        return path
+    return tensors.member_state(member)

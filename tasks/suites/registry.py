@@ -22,6 +22,7 @@ ENTRY_POINT_GROUP = "tvsplit.suites"
 
 BUILTIN: dict[str, str] = {
     "style": "tvsplit.tasks.suites.style.suite:StyleSuite",
+    "style-lora": "tvsplit.tasks.suites.style.suite:StyleLoraSuite",
     "vision": "tvsplit.tasks.suites.vision.suite:VisionSuite",
 }
 

@@ -211,7 +211,9 @@ def sample_grid(suite: Any, result: SuiteResult, path: str | Path) -> Path:
             axis.set_xticks([])
             axis.set_yticks([])
         axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    figure.suptitle(f"style suite, {family}: test samples (same noise per column)", fontsize=9)
+    figure.suptitle(
+        f"{suite.name} suite, {family}: test samples (same noise per column)", fontsize=9
+    )
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,11 +222,16 @@ def sample_grid(suite: Any, result: SuiteResult, path: str | Path) -> Path:
     return path
 
 
+def samples_file(suite: Any) -> str:
+    """The sample grid's file name beside RESULTS.md (one per suite: style, style-lora)."""
+    return f"{suite.name}_samples.png"
+
+
 def results_markdown(suite: Any, result: SuiteResult, context: Mapping[str, Any]) -> str:
     judged = verdict(suite, result)
     s = suite.settings
     lines = [
-        "## Style suite: mixing styles of a diffusion model by their unique parts",
+        f"## {suite.title}: mixing styles of a diffusion model by their unique parts",
         "",
         f"Preset `{result.preset}`. Coefficients chosen on {s.val_samples} validation samples "
         f"(seed {s.val_seed}) as the lowest Fréchet distance to the pair's real distribution "
@@ -254,7 +261,7 @@ def results_markdown(suite: Any, result: SuiteResult, context: Mapping[str, Any]
             "",
         ]
     lines += [
-        "![style samples](style_samples.png)",
+        f"![style samples]({samples_file(suite)})",
         "",
         *(f"- {key}: {value}" for key, value in context.items()),
     ]

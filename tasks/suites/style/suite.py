@@ -149,11 +149,19 @@ class StyleSuite(Suite):
         zoo = build_zoo(default_zoo_dir(self.data_root, config), config, progress=progress)
         labels = {zoo.family_name(seed): f"seed-{seed}" for seed in config.seeds}
         spec = config.denoiser
+        if zoo.lora:
+            lora = config.lora
+            members = (
+                f"PEFT LoRA r={lora.rank}, alpha={lora.alpha:g} on {', '.join(lora.targets)}, "
+                f"{lora.train.steps} steps"
+            )
+        else:
+            members = f"full fine-tunes {config.finetune.steps} steps"
         notes = {
             "zoo": (
                 f"UNet2DModel {spec.channels} on {spec.sample_size}×{spec.sample_size} digits, "
                 f"styles {list(zoo.styles)}, seeds {list(config.seeds)}; base "
-                f"{config.pretrain.steps} steps, fine-tunes {config.finetune.steps} steps"
+                f"{config.pretrain.steps} steps, {members}"
             ),
             "zoo_fingerprint": zoo.manifest["fingerprint"],
         }
@@ -278,9 +286,9 @@ class StyleSuite(Suite):
         return results_markdown(self, result, context)
 
     def artifacts(self, result: SuiteResult, folder: Path) -> list[Path]:
-        from tvsplit.tasks.suites.style.report import sample_grid
+        from tvsplit.tasks.suites.style.report import sample_grid, samples_file
 
-        return [sample_grid(self, result, Path(folder) / "style_samples.png")]
+        return [sample_grid(self, result, Path(folder) / samples_file(self))]
 
     def row_metrics(self, result: SuiteResult, row: str) -> dict[str, float]:
         from tvsplit.tasks.suites.style.report import row_metrics
@@ -291,3 +299,22 @@ class StyleSuite(Suite):
         from tvsplit.tasks.suites.style.report import mixing_table
 
         return mixing_table(self, result)
+
+
+def _as_lora(preset: Mapping[str, Any], lora: Mapping[str, Any]) -> dict[str, Any]:
+    return {**preset, "zoo": {**preset.get("zoo", {}), "members": "lora", "lora": dict(lora)}}
+
+
+class StyleLoraSuite(StyleSuite):
+    """The same styles as PEFT LoRA adapters on the UNet's attention projections (what
+    style-LoRA users mix): the family goes through the LoRA source, its task vectors are
+    the adapters' ΔW. Shares the base and the judges with the full suite's zoo."""
+
+    name = "style-lora"
+    title = "Style suite, LoRA adapters"
+    description = "The style suite's styles as PEFT LoRA adapters: full vs unique mixing."
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "small": _as_lora(SMALL, {"rank": 2, "alpha": 2.0, "train": SMALL["zoo"]["finetune"]}),
+        "reduced": _as_lora(REDUCED, {"train": {"steps": 60, "batch_size": 64, "lr": 5e-3}}),
+        "full": _as_lora({}, {}),
+    }
