@@ -5,6 +5,8 @@ loads and samples, the sample grid is an MLflow artifact and a PNG beside RESULT
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tvsplit.tasks.suites.base import MethodSpec, Trial
@@ -162,3 +164,72 @@ def test_small_preset_end_to_end(prefect_harness, tmp_path, monkeypatch):
     assert (tmp_path / "style_samples.png").stat().st_size > 1000
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.mlflow_run_id)}
     assert "style_samples.png" in artifacts
+
+
+def test_a_lora_zoo_shares_the_base_and_judges_of_the_full_zoo():
+    from tvsplit.tasks.suites.style.suite import StyleLoraSuite
+    from tvsplit.tasks.suites.style.zoo import StyleZoo, StyleZooConfig
+
+    full = StyleZooConfig.model_validate(StyleSuite.presets["small"]["zoo"])
+    lora = StyleZooConfig.model_validate(StyleLoraSuite.presets["small"]["zoo"])
+    assert lora.members == "lora" and full.members == "full"
+    assert lora.fingerprint() == full.fingerprint()  # one base, one pair of judges
+    manifest = {"fingerprint": full.fingerprint()}
+    full_zoo, lora_zoo = (StyleZoo(Path("/z"), c, manifest) for c in (full, lora))
+    assert full_zoo.base_dir == lora_zoo.base_dir
+    assert full_zoo.family_name(0) != lora_zoo.family_name(0)
+    assert lora_zoo.member_dir(0, "thick").parent.parent.name.startswith("lora-")
+    wider = StyleZooConfig.model_validate(
+        {**StyleLoraSuite.presets["small"]["zoo"], "lora": {"rank": 3}}
+    )
+    assert StyleZoo(Path("/z"), wider, manifest).member_dir(0, "thick") != lora_zoo.member_dir(
+        0, "thick"
+    )
+
+
+@pytest.mark.slow
+def test_small_lora_preset_end_to_end(prefect_harness, tmp_path, monkeypatch):
+    """The styles as PEFT LoRA adapters through ingest → decompose → edit: the stored task
+    vectors are PEFT's own merged ΔW, the exported edit loads with diffusers."""
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tvsplit.flows.settings import load_settings
+    from tvsplit.flows.suite import suite_flow
+    from tvsplit.tasks.suites.edited import FamilyTensors
+    from tvsplit.tasks.suites.style.model import load_unet, sample
+
+    monkeypatch.setenv("TVSPLIT_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("TVSPLIT_ARTIFACTS", str(tmp_path / "artifacts"))
+    results = tmp_path / "RESULTS.md"
+    run = suite_flow("style-lora", preset="small", results_path=str(results), workers=1,
+                     show_progress=False)  # fmt: skip
+    result, family = run.result, run.pool.families[0]
+    assert "unique[thick+inverted]" in result.rows
+
+    # members are adapters in PEFT's layout, read as LoRA sources
+    adapter = Path(family.members["thick"])
+    assert (adapter / "adapter_config.json").is_file()
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert keys and all(k.startswith("base_model.model.") and ".lora_" in k for k in keys)
+    adapted = {k.removeprefix("base_model.model.").split(".lora_")[0] + ".weight" for k in keys}
+
+    # τ_thick as stored = PEFT's merged weights − base; zero outside the adapted modules
+    tensors = FamilyTensors(load_settings().catalogue, family.name, list(family.members))
+    base = load_unet(family.base)
+    merged = PeftModel.from_pretrained(load_unet(family.base), str(adapter)).merge_and_unload()
+    want = {k: v - base.state_dict()[k] for k, v in merged.state_dict().items()}
+    tau = tensors.vectors["thick"]
+    assert adapted <= set(tau)
+    for name, value in tau.items():
+        assert torch.allclose(value.float(), want[name], atol=1e-6), name
+        assert (name in adapted) == bool(value.abs().sum() > 0), name
+
+    # the exported edit: diffusers' layout, loaded by diffusers, sampled
+    unet = UNet2DModel.from_pretrained(run.model_dir)
+    assert torch.isfinite(sample(unet, 4, 2, seed=0)).all()
+    text = results.read_text()
+    assert "<!-- tvsplit:suite style-lora begin -->" in text and "LoRA adapters" in text
+    assert "PEFT LoRA r=2" in text
+    assert (tmp_path / "style-lora_samples.png").stat().st_size > 1000
