@@ -26,7 +26,14 @@ from tvsplit.storage.model_folder import (
     ModelFolderWriter,
 )
 from tvsplit.storage.sources import open_source
-from tvsplit.tasks.edit_job import EditPlanError, edited_tensors, lineage, member_source, plan_edit
+from tvsplit.tasks.edit_job import (
+    EditPlanError,
+    edited_tensors,
+    lineage,
+    member_source,
+    plan_edit,
+    written_layout,
+)
 from tvsplit.tasks.lora_export import LoraExport
 from tvsplit.tasks.lora_targets import LoraTargetError, LoraTargets, lora_targets
 from tvsplit.tasks.stages import stage, timed
@@ -125,7 +132,7 @@ def write_edited_model(
         progress_bars(show_progress) as progress,
         ModelFolderWriter(
             output, copy_from=base.location if base.location.is_dir() else None, model_card=card,
-            replacement=replacement,
+            replacement=replacement, plan=written_layout(plan, base.checkpoint, fallback),
         ) as writer,
     ):  # fmt: skip
         job = progress.add_task(f"editing {recipe.family}", total=len(base.checkpoint))

@@ -130,6 +130,22 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             view = handle.get_slice(name)
             return tuple(view.get_shape()), _safetensors_dtype(view.get_dtype())
 
+    def headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """`(shape, dtype)` of every parameter in checkpoint order, each file's header read
+        once (no safetensors data loaded)."""
+        found: dict[str, tuple[tuple[int, ...], str]] = {}
+        for path in self.files:
+            if path.suffix in PICKLE_SUFFIXES:
+                names = [n for n, p in self._weight_map.items() if p == path]
+                found.update({n: self.header(n) for n in names})
+                continue
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if self._weight_map.get(name) == path:
+                        view = handle.get_slice(name)
+                        found[name] = tuple(view.get_shape()), _safetensors_dtype(view.get_dtype())
+        return {name: found[name] for name in self._weight_map}
+
     def _pickle_tensor(self, path: Path, name: str) -> torch.Tensor:
         if self._pickle_file != path:
             self._pickle_state = None

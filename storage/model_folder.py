@@ -19,7 +19,12 @@ exchange (``FolderReplacement``), never removed before its replacement is comple
 exception inside the ``with`` block removes the temporary folder and leaves the target
 untouched. A process killed outright can leave a ``.<name>.tmp-*`` folder beside the target
 (removed by ``tvsplit catalogue gc``-style clean-up), never a partial folder at it.
-Memory: tensors are held until their shard is written, so at most one shard
+Memory: with a ``plan`` (every tensor's name, shape and dtype, in order: what an edit knows
+from its base before computing anything) the shards and their safetensors headers are laid
+out up front and each tensor is written at its offset as it is added, so nothing is
+buffered and writing overlaps the caller's compute; the files are the ones ``save_file``
+would write up to the order of the tensors in them (any safetensors reader loads them).
+Without a plan, tensors are held until their shard is written, so at most one shard
 (``max_shard_bytes``, plus one tensor) is buffered.
 """
 
@@ -35,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 
 import torch
+from safetensors.torch import _TYPES as SAFETENSORS_DTYPES
 from safetensors.torch import save_file
 from tvsplit.storage.folders import (
     FolderError,
@@ -114,6 +120,88 @@ class ModelFolderError(FolderError):
     """A model folder that cannot be written as asked; the message names the folder/tensor."""
 
 
+Plan = Mapping[str, tuple[tuple[int, ...], str | torch.dtype]]
+"""Tensor name → (shape, dtype), in the order the tensors will be added."""
+
+_SAFETENSORS_CODE = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def _torch_dtype(value: str | torch.dtype, where: str) -> torch.dtype:
+    dtype = value if isinstance(value, torch.dtype) else getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in _SAFETENSORS_CODE:
+        raise ModelFolderError(f"{where}: dtype {value!r} cannot be stored in safetensors")
+    return dtype
+
+
+class _PlannedShards:
+    """The shard files of a plan: headers written and files sized on creation, each tensor
+    then written at its offset (``os.pwrite``); `missing` names what was never written."""
+
+    def __init__(self, folder: Path, plan: Plan, max_bytes: int, metadata: dict, where: str):
+        self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.shards: list[list[str]] = []
+        self._place: dict[str, tuple[int, int, int]] = {}  # name → shard, offset, nbytes
+        size = 0
+        for name, (shape, dtype) in plan.items():
+            dtype = _torch_dtype(dtype, f"{where}: tensor {name!r}")
+            shape = tuple(int(n) for n in shape)
+            nbytes = dtype.itemsize * _numel(shape)
+            if not self.shards or (self.shards[-1] and size + nbytes > max_bytes):
+                self.shards.append([])
+                size = 0
+            self.specs[name] = (shape, dtype)
+            self._place[name] = (len(self.shards) - 1, size, nbytes)
+            self.shards[-1].append(name)
+            size += nbytes
+        self.paths = [
+            folder / f"shard-{i:05d}.safetensors.partial" for i in range(1, len(self.shards) + 1)
+        ]
+        self._fds: list[int] = []
+        self._data_start: list[int] = []
+        self._written: set[str] = set()
+        for path, names in zip(self.paths, self.shards, strict=True):
+            header = {"__metadata__": metadata}
+            end = 0
+            for name in names:
+                shape, dtype = self.specs[name]
+                start, end = self._place[name][1], self._place[name][1] + self._place[name][2]
+                header[name] = {
+                    "dtype": _SAFETENSORS_CODE[dtype], "shape": list(shape),
+                    "data_offsets": [start, end],
+                }  # fmt: skip
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.write(fd, len(text).to_bytes(8, "little") + text)
+            os.ftruncate(fd, 8 + len(text) + end)
+            self._data_start.append(8 + len(text))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, offset, nbytes = self._place[name]
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if nbytes else b""
+        position = self._data_start[shard] + offset
+        while data:
+            done = os.pwrite(self._fds[shard], data, position)
+            data, position = data[done:], position + done
+        self._written.add(name)
+
+    @property
+    def missing(self) -> list[str]:
+        return [name for name in self.specs if name not in self._written]
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
 @dataclass(frozen=True)
 class ModelFolderSummary:
     """What was written: the folder, its weight files, byte and parameter totals."""
@@ -137,6 +225,9 @@ class ModelFolderWriter:
     take it over ``max_shard_bytes`` (a tensor larger than the limit gets a shard of its
     own), as transformers does. ``layout`` names the files (default: diffusers' names when
     ``copy_from`` is a diffusers folder, see ``weight_layout``; transformers' otherwise).
+    ``plan``: every tensor's (shape, dtype) by name, in order; then each tensor goes to disk
+    as it is added (module docstring), and adding one the plan does not hold, with another
+    shape or dtype, or closing before every planned tensor was added is a ModelFolderError.
     """
 
     def __init__(
@@ -152,6 +243,7 @@ class ModelFolderWriter:
         overwrite: bool = False,
         layout: WeightLayout | None = None,
         replacement: FolderReplacement | None = None,
+        plan: Plan | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ModelFolderError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
@@ -167,6 +259,8 @@ class ModelFolderWriter:
         self.metadata = {**(metadata or {}), "format": "pt"}
         self.overwrite = overwrite
         self.replacement = replacement
+        self.plan = None if plan is None else dict(plan)
+        self._planned: _PlannedShards | None = None
         self.summary: ModelFolderSummary | None = None
         self._context: AbstractContextManager[Path] | None = None
         self._folder: Path | None = None
@@ -185,6 +279,15 @@ class ModelFolderWriter:
         else:
             self._context = atomic_folder(self.target, overwrite=self.overwrite)
         self._folder = self._context.__enter__()
+        if self.plan is not None:
+            try:
+                self._planned = _PlannedShards(
+                    self._folder, self.plan, self.max_shard_bytes, self.metadata, str(self.target)
+                )
+            except BaseException as error:
+                self._context.__exit__(type(error), error, error.__traceback__)
+                self._context = self._folder = None
+                raise
         return self
 
     def __exit__(
@@ -204,6 +307,8 @@ class ModelFolderWriter:
         else:
             context.__exit__(exc_type, exc, traceback)
         finally:
+            if self._planned is not None:
+                self._planned.close()
             self._context = None
             self._folder = None
             self._buffer.clear()
@@ -232,6 +337,9 @@ class ModelFolderWriter:
                 f"{self.target}: tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor"
             )
         tensor = tensor.detach().to("cpu").contiguous()
+        if self._planned is not None:
+            self._add_planned(name, tensor)
+            return
         storage = tensor.untyped_storage()
         if storage.data_ptr() in self._storages or storage.nbytes() != tensor.nbytes:
             tensor = tensor.clone()  # safetensors refuses tensors that share memory
@@ -245,7 +353,27 @@ class ModelFolderWriter:
         self._total_size += nbytes
         self._total_parameters += tensor.numel()
 
+    def _add_planned(self, name: str, tensor: torch.Tensor) -> None:
+        assert self._planned is not None
+        spec = self._planned.specs.get(name)
+        if spec is None:
+            raise ModelFolderError(f"{self.target}: tensor {name!r} is not in the write plan")
+        if (tuple(tensor.shape), tensor.dtype) != spec:
+            raise ModelFolderError(
+                f"{self.target}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}; "
+                f"the write plan says {spec[0]} {spec[1]}"
+            )
+        try:
+            self._planned.write(name, tensor)
+        except OSError as error:
+            raise ModelFolderError(f"{self.target}: writing tensor {name!r}: {error}") from error
+        self._names.add(name)
+        self._total_size += tensor.nbytes
+        self._total_parameters += tensor.numel()
+
     def _flush(self) -> None:
+        if self._planned is not None:
+            return
         folder = self._require_open()
         if not self._buffer:
             return
@@ -262,6 +390,16 @@ class ModelFolderWriter:
     def _write_remaining(self) -> None:
         folder = self._require_open()
         self._flush()
+        if self._planned is not None:
+            missing = self._planned.missing
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise ModelFolderError(
+                    f"{self.target}: {len(missing)} planned tensor(s) were never added: "
+                    f"{', '.join(missing[:3])}{more}"
+                )
+            self._planned.close()
+            self._shards = self._planned.shards
         if not self._shards:
             raise ModelFolderError(f"{self.target}: no tensors were added")
         count = len(self._shards)

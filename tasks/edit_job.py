@@ -28,6 +28,7 @@ from tvsplit.tasks.pipeline import computed_ahead
 
 if TYPE_CHECKING:
     import torch
+    from tvsplit.storage.checkpoint import Checkpoint
 else:
     torch = lazy_module("torch")  # imported on first use (storage/lazy.py)
 
@@ -189,6 +190,23 @@ def edited_tensors(
         return readers.nbytes(name) if edited(name) else 0
 
     yield from computed_ahead(names, read, compute, nbytes=nbytes)
+
+
+def written_layout(
+    plan: EditPlan, base: Checkpoint, fallback: Checkpoint | None = None
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every tensor ``edited_tensors`` yields, in its order, from the
+    checkpoints' headers alone: the model folder's write plan. Edited tensors keep the
+    base's shape and dtype (``apply_edit``); a tensor taken from ``fallback`` keeps its own
+    shape in the base's dtype."""
+    own = fallback.headers() if fallback is not None else {}
+    layout = {}
+    for name, (shape, dtype) in base.headers().items():
+        floating = getattr(torch, dtype, torch.int64).is_floating_point
+        if not (name in plan.family_parameters and floating) and name in own:
+            shape = own[name][0]
+        layout[name] = (shape, dtype)
+    return layout
 
 
 def _entry_source(info) -> dict[str, Any]:

@@ -210,3 +210,65 @@ def test_transformers_config_keeps_transformers_names(tmp_path: Path) -> None:
     (tmp_path / "broken" / "config.json").write_text("{not json")
     assert weight_layout(tmp_path / "broken") == TRANSFORMERS_LAYOUT
     assert weight_layout(None) == TRANSFORMERS_LAYOUT
+
+
+def _plan(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+
+
+def test_a_planned_write_streams_the_same_folder_transformers_loads(tmp_path: Path) -> None:
+    """With a plan each tensor goes to disk when added: same shards, index and tensors as
+    the buffered writer, and transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir, state = tiny_gpt2_folder(tmp_path / "base")
+    options = {"max_shard_bytes": 40_000, "copy_from": base_dir}
+    buffered = write_model_folder(tmp_path / "buffered", state, **options)
+    streamed = write_model_folder(tmp_path / "streamed", state, plan=_plan(state), **options)
+    assert streamed.files == buffered.files and len(streamed.files) >= 2
+    assert streamed.weight_map == buffered.weight_map
+    assert (tmp_path / "streamed" / INDEX_FILE).read_text() == (
+        tmp_path / "buffered" / INDEX_FILE
+    ).read_text()
+    for shard in streamed.files:
+        with safe_open(tmp_path / "streamed" / shard, framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                assert torch.equal(handle.get_tensor(name), state[name]), name
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    assert all(torch.equal(loaded[n], t) for n, t in state.items())
+
+
+def test_a_planned_write_holds_every_dtype_and_shape(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(7, dtype=torch.int64),
+        "half": torch.randn(4).half(),
+    }
+    write_model_folder(tmp_path / "m", tensors, plan=_plan(tensors))
+    loaded = load_file(tmp_path / "m" / "model.safetensors")  # safetensors' own validation
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+def test_a_planned_write_refuses_what_the_plan_does_not_say(tmp_path: Path) -> None:
+    tensors = {"a": torch.ones(3), "b": torch.ones(2, 2)}
+    target = tmp_path / "m"
+    cases = [
+        ("c", torch.ones(1), "'c' is not in the write plan"),
+        ("a", torch.ones(3, dtype=torch.float64), r"'a' is \(3,\) torch.float64"),
+        ("a", tensors["a"], r"1 planned tensor\(s\) were never added: b"),
+    ]
+    for name, tensor, message in cases:
+        with (
+            pytest.raises(ModelFolderError, match=message),
+            ModelFolderWriter(target, plan=_plan(tensors)) as writer,
+        ):
+            writer.add(name, tensor)
+    assert not target.exists() and not list(tmp_path.iterdir())  # nothing half-written
