@@ -40,7 +40,7 @@ from tvsplit.flows.checks import (
 )
 from tvsplit.flows.console import debug_enabled, progress_bars
 from tvsplit.flows.settings import Settings, load_settings, prefect_run_settings
-from tvsplit.flows.tracking import use_experiment
+from tvsplit.flows.tracking import prepare_experiment, use_experiment
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import BasisCache, DecompositionRun
 from tvsplit.storage.errors import one_line
@@ -202,6 +202,8 @@ def _split_run(
     batches: int | None,
 ) -> DecomposeResult:
     """The body of `decompose_family`, run while holding the run's lease."""
+    if track:
+        prepare_experiment("tvsplit-decompose", app_settings)  # beside the splitting
     store = DecompositionRun(catalogue, family, run)
     store.begin(settings.model_dump(), chosen, parameters)
     done = store.completed()

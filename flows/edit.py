@@ -18,7 +18,7 @@ from tvsplit.flows.checks import check_base, check_output, lora_folder, output_t
 from tvsplit.flows.console import err, progress_bars
 from tvsplit.flows.recipe import Recipe, load_recipe
 from tvsplit.flows.settings import load_settings
-from tvsplit.flows.tracking import use_experiment
+from tvsplit.flows.tracking import prepare_experiment, use_experiment
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.lease import Holder, Lease, folder_lease
 from tvsplit.storage.model_folder import (
@@ -242,6 +242,8 @@ def edit_model(
         Catalogue(settings.catalogue), recipe, allow_other_base=allow_other_base,
         source=str(recipe_path),
     )  # fmt: skip
+    if track:
+        prepare_experiment("tvsplit-edit", settings)  # MLflow's start-up beside the edit
     lease = claim_output(target)  # one writer per output folder at a time
     try:
         check_output(target, overwrite=overwrite)  # again: it may have appeared meanwhile
