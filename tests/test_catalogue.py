@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import zarr
+from interrupts import Killed
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.errors import CatalogueError
 from tvsplit.storage.names import param_key, param_name
@@ -106,10 +107,6 @@ def test_partial_entries_are_invisible_and_resume_keeps_complete_arrays(tmp_path
     assert cat.delete("fam", "m1") and cat.members("fam", include_partial=True) == []
     assert not cat.delete("fam", "m1")
     assert cat.has_base("fam")
-
-
-class Killed(BaseException):
-    """A stop no handler catches, raised inside the write (on zarr's event loop)."""
 
 
 @pytest.mark.parametrize("url", ["local", "memory"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 import zarr
+from interrupts import Killed
 from safetensors.torch import load_file
 from tvsplit.flows.cli import app
 from tvsplit.storage.catalogue import Catalogue
@@ -97,10 +98,6 @@ def test_upgrade_keeps_every_value_and_verify_passes(legacy):
         Catalogue(url).read("tiny", PARAM, member="ft1")
     again = runner.invoke(app, ["catalogue", "upgrade", url])
     assert again.exit_code == 0 and "nothing to do" in again.output
-
-
-class Killed(BaseException):
-    """A stop no handler catches (asyncio hands KeyboardInterrupt to the loop itself)."""
 
 
 @pytest.mark.parametrize("stop_at", [1, 3, 17, 40, 70])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interrupts import Killed
 from tvsplit.flows.cli import app
 from tvsplit.storage.catalogue import Catalogue
 from tvsplit.storage.decompositions import BasisCache, DecompositionRun, list_runs
@@ -224,10 +225,6 @@ def test_cli_gc_bad_grace_is_one_line(grace, tmp_path, monkeypatch):
     monkeypatch.setenv("TVSPLIT_DATA", str(tmp_path))
     result = CliRunner().invoke(app, ["catalogue", "gc", "--grace", grace])
     assert result.exit_code == 2 and "--grace" in result.output
-
-
-class Killed(BaseException):
-    """A stop no handler catches, raised inside the write (on zarr's event loop)."""
 
 
 def test_a_pack_cut_short_before_its_metadata_goes_once_idle(tmp_path, monkeypatch):
