@@ -57,8 +57,10 @@ class CheckedEdit:
 
 def output_target(recipe: Recipe, output: str | None, settings: Settings) -> Path:
     """Where an edit writes: ``--out``, else the recipe's ``output``, else
-    ``<models>/<family>-<method>`` under the data folder's models setting."""
-    return Path(output or recipe.output or settings.models / f"{recipe.family}-{recipe.method}")
+    ``<models>/<family>-<method>`` under the data folder's models setting; absolute, so
+    messages name one place whatever the working directory."""
+    path = output or recipe.output or settings.models / f"{recipe.family}-{recipe.method}"
+    return Path(path).absolute()
 
 
 def lora_folder(output: Path) -> Path:
