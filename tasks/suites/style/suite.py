@@ -13,6 +13,11 @@ task vectors combine the styles without degrading generation?
   pair's real distribution among candidates where both styles show at least half their
   single-style strength), reported on test samples drawn from other seeds.
 
+``style-lora`` (``StyleLoraSuite``) is the same suite on the same styles made as PEFT LoRA
+adapters (``get_peft_model`` with a ``LoraConfig`` on the attention projections, saved with
+PEFT's ``save_pretrained``), ingested through the LoRA source: the family style-LoRA users
+mix. It reuses the full suite's base and judges (same zoo folder) and writes its own section.
+
 Presets: ``small`` (CI: two styles, a tiny zoo; asserts the path, not the paper's numbers),
 ``reduced`` (the run this machine affords, see RESULTS.md), ``full`` (3 seeds, 4 styles,
 the issue's ~45-minute budget on 2 free cores).
