@@ -174,7 +174,7 @@ class _PlannedShards:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
             os.write(fd, len(text).to_bytes(8, "little") + text)
-            os.ftruncate(fd, 8 + len(text) + end)
+            os.ftruncate(fd, 8 + len(text) + end)  # sized up front: tensors land at offsets
             self._data_start.append(8 + len(text))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
