@@ -98,22 +98,29 @@ def test_choice_is_the_best_fid_among_candidates_with_both_styles():
     assert suite.choose(method, weak, {}) == 1
 
 
-@pytest.mark.slow
-def test_small_preset_end_to_end(prefect_harness, tmp_path, monkeypatch):
-    """Run with `make test-slow` (or `pytest -m slow tests/test_style_suite.py`)."""
-    import mlflow
-    from diffusers import UNet2DModel
+def run_small_preset(suite: str, tmp_path, monkeypatch):
+    """The suite's small preset through the generic flow, everything under ``tmp_path``."""
     from tvsplit.flows.suite import suite_flow
-    from tvsplit.tasks.decompose_job import stored_shared_parts
-    from tvsplit.tasks.suites.edited import FamilyTensors
-    from tvsplit.tasks.suites.style.model import sample
 
     monkeypatch.setenv("TVSPLIT_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("TVSPLIT_ARTIFACTS", str(tmp_path / "artifacts"))
     results = tmp_path / "RESULTS.md"
-    run = suite_flow("style", preset="small", results_path=str(results), workers=1,
+    run = suite_flow(suite, preset="small", results_path=str(results), workers=1,
                      show_progress=False)  # fmt: skip
+    return run, results
+
+
+@pytest.mark.slow
+def test_small_preset_end_to_end(prefect_harness, tmp_path, monkeypatch):
+    """Run with `make test-slow` (or `pytest -m slow tests/test_style_suite.py`)."""
+    import mlflow
+    from diffusers import UNet2DModel
+    from tvsplit.tasks.decompose_job import stored_shared_parts
+    from tvsplit.tasks.suites.edited import FamilyTensors
+    from tvsplit.tasks.suites.style.model import sample
+
+    run, results = run_small_preset("style", tmp_path, monkeypatch)
     result = run.result
     family = run.pool.families[0]
     assert result.rows == [
@@ -195,16 +202,10 @@ def test_small_lora_preset_end_to_end(prefect_harness, tmp_path, monkeypatch):
     from peft import PeftModel
     from safetensors.torch import load_file
     from tvsplit.flows.settings import load_settings
-    from tvsplit.flows.suite import suite_flow
     from tvsplit.tasks.suites.edited import FamilyTensors
     from tvsplit.tasks.suites.style.model import load_unet, sample
 
-    monkeypatch.setenv("TVSPLIT_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("TVSPLIT_ARTIFACTS", str(tmp_path / "artifacts"))
-    results = tmp_path / "RESULTS.md"
-    run = suite_flow("style-lora", preset="small", results_path=str(results), workers=1,
-                     show_progress=False)  # fmt: skip
+    run, results = run_small_preset("style-lora", tmp_path, monkeypatch)
     result, family = run.result, run.pool.families[0]
     assert "unique[thick+inverted]" in result.rows
 
