@@ -167,6 +167,19 @@ def test_result_tables_and_paired_differences():
     assert "| `ta` | 5.0 ± 1.4 | 5.0 ± 1.4 | **5.0 ± 1.4** |" in table
 
 
+def test_mean_and_spread_of_a_metric_a_row_lacks_are_nan_not_an_error():
+    import math
+
+    from tvsplit.tasks.suites.base import mean_std
+
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    # the style suite's `individual` row has no confidence over 3 seeds: the full run's
+    # MLflow step raised AttributeError in statistics.stdev before this
+    assert all(math.isnan(v) for v in mean_std([math.nan, math.nan, math.nan]))
+    assert all(math.isnan(v) for v in mean_std([1.0, math.nan]))
+
+
 def test_results_sections_rewrite_only_their_own():
     text = replace_section("# old vision file, no markers\n", "vision", "## Vision\n\nv1")
     assert text.startswith(HEADER) and "old vision file" not in text

@@ -211,7 +211,10 @@ class Record:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
+    """Mean and sample standard deviation (0 for one value); both NaN when a value is NaN
+    (a metric a row does not have: ``statistics.stdev`` would raise on it)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
