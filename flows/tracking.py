@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tvsplit.flows.settings import Settings
 
-_prepared: dict[tuple[str, str], Future[str]] = {}
+_prepared: dict[tuple[str, str, str], Future[str]] = {}
+_lock = threading.Lock()
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -22,33 +23,50 @@ def tracking_uri(settings: Settings) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
 
 
+def _key(name: str, settings: Settings) -> tuple[str, str, str]:
+    return name, tracking_uri(settings), str(Path(settings.artifacts).resolve())
+
+
 def prepare_experiment(name: str, settings: Settings) -> None:
     """Start ``use_experiment(name, settings)`` on a background thread: importing MLflow
     and opening its store take seconds, which then overlap the command's own work (reading,
-    computing and writing release the GIL). The next ``use_experiment`` with the same name
-    and store waits for it and raises what it raised. Call it once the inputs are checked:
-    a command that fails later waits for the thread before it exits."""
-    key = (name, tracking_uri(settings))
-    if key in _prepared:
-        return
-    future: Future[str] = Future()
+    computing and writing release the GIL). The next ``use_experiment`` with the same name,
+    store and artifacts takes it over. A daemon thread: a command that fails meanwhile exits
+    without waiting for it."""
+    key = _key(name, settings)
+    with _lock:
+        if key in _prepared:
+            return
+        future: Future[str] = Future()
+        _prepared[key] = future
 
     def run() -> None:
         try:
             future.set_result(_use_experiment(name, settings))
-        except BaseException as error:  # handed to the caller of use_experiment
+        except BaseException as error:  # use_experiment redoes the set-up in its own thread
             future.set_exception(error)
 
-    _prepared[key] = future
-    threading.Thread(target=run, name=f"mlflow-{name}").start()
+    threading.Thread(target=run, name=f"mlflow-{name}", daemon=True).start()
 
 
 def use_experiment(name: str, settings: Settings) -> str:
     """Point MLflow at the tracking store and experiment ``name`` (created on first use with
-    its artifacts beside a local sqlite store); returns the experiment id."""
-    future = _prepared.pop((name, tracking_uri(settings)), None)
+    its artifacts beside a local sqlite store); returns the experiment id. A prepared set-up
+    is waited for, then its store and experiment are made current again in this thread
+    (another experiment may have been set meanwhile); one that failed, or was prepared by an
+    earlier command, is redone here so the error raised is this command's."""
+    with _lock:
+        future = _prepared.pop(_key(name, settings), None)
     if future is not None:
-        return future.result()
+        try:
+            experiment_id = future.result()
+        except Exception:
+            return _use_experiment(name, settings)
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri(settings))
+        mlflow.set_experiment(experiment_id=experiment_id)
+        return experiment_id
     return _use_experiment(name, settings)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import _TYPES as SAFETENSORS_TYPES
 from tvsplit.storage.errors import PickleRefusedError, SourceError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -197,20 +198,9 @@ def file_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-_ST_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
+_ST_DTYPES = {code: str(dtype).removeprefix("torch.") for code, dtype in SAFETENSORS_TYPES.items()}
+"""safetensors dtype code → torch dtype name, from safetensors' own table (every code it can
+store: F8, U16–U64 and C64 included)."""
 
 
 def _safetensors_dtype(code: str) -> str:

@@ -23,7 +23,7 @@ Memory: with a ``plan`` (every tensor's name, shape and dtype, in order: what an
 from its base before computing anything) the shards and their safetensors headers are laid
 out up front and each tensor is written at its offset as it is added, so nothing is
 buffered and writing overlaps the caller's compute; the files are the ones ``save_file``
-would write up to the order of the tensors in them (any safetensors reader loads them).
+would write (tensors aligned, largest item size first) up to the order of equal-sized ones.
 Without a plan, tensors are held until their shard is written, so at most one shard
 (``max_shard_bytes``, plus one tensor) is buffered.
 """
@@ -135,12 +135,15 @@ def _torch_dtype(value: str | torch.dtype, where: str) -> torch.dtype:
 
 class _PlannedShards:
     """The shard files of a plan: headers written and files sized on creation, each tensor
-    then written at its offset (``os.pwrite``); `missing` names what was never written."""
+    then written at its offset (``os.pwrite``); `missing` names what was never written.
+
+    Shards split as the buffered writer splits them (plan order, ``max_bytes``); inside a
+    shard the data is laid out largest item size first, as ``save_file`` does, so every
+    tensor stays aligned to its item size (readers that map the file need that)."""
 
     def __init__(self, folder: Path, plan: Plan, max_bytes: int, metadata: dict, where: str):
         self.specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self.shards: list[list[str]] = []
-        self._place: dict[str, tuple[int, int, int]] = {}  # name → shard, offset, nbytes
         size = 0
         for name, (shape, dtype) in plan.items():
             dtype = _torch_dtype(dtype, f"{where}: tensor {name!r}")
@@ -150,32 +153,41 @@ class _PlannedShards:
                 self.shards.append([])
                 size = 0
             self.specs[name] = (shape, dtype)
-            self._place[name] = (len(self.shards) - 1, size, nbytes)
             self.shards[-1].append(name)
             size += nbytes
         self.paths = [
             folder / f"shard-{i:05d}.safetensors.partial" for i in range(1, len(self.shards) + 1)
         ]
+        self._place: dict[str, tuple[int, int, int]] = {}  # name → shard, offset, nbytes
         self._fds: list[int] = []
         self._data_start: list[int] = []
         self._written: set[str] = set()
-        for path, names in zip(self.paths, self.shards, strict=True):
-            header = {"__metadata__": metadata}
-            end = 0
-            for name in names:
-                shape, dtype = self.specs[name]
-                start, end = self._place[name][1], self._place[name][1] + self._place[name][2]
-                header[name] = {
-                    "dtype": _SAFETENSORS_CODE[dtype], "shape": list(shape),
-                    "data_offsets": [start, end],
-                }  # fmt: skip
-            text = json.dumps(header, separators=(",", ":")).encode()
-            text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.write(fd, len(text).to_bytes(8, "little") + text)
-            os.ftruncate(fd, 8 + len(text) + end)  # sized up front: tensors land at offsets
-            self._data_start.append(8 + len(text))
+        try:
+            for index, (path, names) in enumerate(zip(self.paths, self.shards, strict=True)):
+                self._create(index, path, names, metadata)
+        except OSError as error:
+            self.close()
+            raise ModelFolderError(f"{where}: creating a shard: {error}") from error
+
+    def _create(self, index: int, path: Path, names: list[str], metadata: dict) -> None:
+        header: dict[str, object] = {"__metadata__": metadata}
+        end = 0
+        for name in sorted(names, key=lambda n: -self.specs[n][1].itemsize):  # stable
+            shape, dtype = self.specs[name]
+            nbytes = dtype.itemsize * _numel(shape)
+            self._place[name] = (index, end, nbytes)
+            header[name] = {
+                "dtype": _SAFETENSORS_CODE[dtype], "shape": list(shape),
+                "data_offsets": [end, end + nbytes],
+            }  # fmt: skip
+            end += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds.append(fd)
+        os.write(fd, len(text).to_bytes(8, "little") + text)
+        os.ftruncate(fd, 8 + len(text) + end)  # sized up front: tensors land at offsets
+        self._data_start.append(8 + len(text))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, offset, nbytes = self._place[name]

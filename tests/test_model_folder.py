@@ -249,12 +249,29 @@ def test_a_planned_write_holds_every_dtype_and_shape(tmp_path: Path) -> None:
         "mask": torch.tensor([True, False, True]),
         "ids": torch.arange(7, dtype=torch.int64),
         "half": torch.randn(4).half(),
+        "u16": torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32).to(torch.uint16),
+        "c64": torch.randn(3, dtype=torch.complex64),
     }
     write_model_folder(tmp_path / "m", tensors, plan=_plan(tensors))
-    loaded = load_file(tmp_path / "m" / "model.safetensors")  # safetensors' own validation
+    path = tmp_path / "m" / "model.safetensors"
+    loaded = load_file(path)  # safetensors' own validation
     assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    # every tensor aligned to its item size in the file (mapped readers need it)
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    assert (8 + length) % 8 == 0
+    header = json.loads(raw[8 : 8 + length])
+    for name, tensor in tensors.items():
+        assert header[name]["data_offsets"][0] % tensor.element_size() == 0, name
+    # the checkpoint reader names every dtype as torch does (the edit's plan is built on it)
+    from tvsplit.storage.checkpoint import Checkpoint
+
+    heads = Checkpoint.from_file(path).headers()
+    assert {n: getattr(torch, d) for n, (_, d) in heads.items()} == {
+        n: t.dtype for n, t in tensors.items()
+    }
 
 
 def test_a_planned_write_refuses_what_the_plan_does_not_say(tmp_path: Path) -> None:

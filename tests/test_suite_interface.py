@@ -178,6 +178,7 @@ def test_mean_and_spread_of_a_metric_a_row_lacks_are_nan_not_an_error():
     # MLflow step raised AttributeError in statistics.stdev before this
     assert all(math.isnan(v) for v in mean_std([math.nan, math.nan, math.nan]))
     assert all(math.isnan(v) for v in mean_std([1.0, math.nan]))
+    assert all(math.isnan(v) for v in mean_std([-math.inf, math.inf, 1.0]))
 
 
 def test_results_sections_rewrite_only_their_own():

@@ -32,14 +32,21 @@ def test_a_prepared_experiment_is_set_up_on_a_thread_and_handed_to_its_user(tmp_
     assert threads[-1] == threading.current_thread().name
 
 
-def test_a_prepared_experiment_that_failed_raises_in_its_user(tmp_path, monkeypatch):
+def test_a_prepared_set_up_that_failed_is_redone_by_its_user(tmp_path, monkeypatch):
+    """The error a command reports is its own: a set-up that failed on the thread (or in an
+    earlier command) is redone in the caller's thread."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = load_settings(data=tmp_path)
+    calls: list[str] = []
 
-    def broken(name, settings):
-        raise RuntimeError("the tracking store is unreachable")
+    def flaky(name, settings):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise RuntimeError("the tracking store is unreachable")
+        raise ValueError("still unreachable, seen by the caller")
 
-    monkeypatch.setattr(tracking, "_use_experiment", broken)
+    monkeypatch.setattr(tracking, "_use_experiment", flaky)
     tracking.prepare_experiment("tvsplit-test", settings)
-    with pytest.raises(RuntimeError, match="unreachable"):
+    with pytest.raises(ValueError, match="seen by the caller"):
         tracking.use_experiment("tvsplit-test", settings)
+    assert calls == ["mlflow-tvsplit-test", threading.current_thread().name]

@@ -211,9 +211,9 @@ class Record:
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value); both NaN when a value is NaN
-    (a metric a row does not have: ``statistics.stdev`` would raise on it)."""
-    if any(math.isnan(v) for v in values):
+    """Mean and sample standard deviation (0 for one value); both NaN when a value is not
+    finite (NaN: a metric a row does not have; ``statistics.stdev`` raises on both)."""
+    if not all(math.isfinite(v) for v in values):
         return math.nan, math.nan
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
