@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,12 @@ _TAKE_ONCE = textwrap.dedent(
 
 
 def _foreign(location: LeaseLocation, key: str, *, renewed_ago: float, ttl: float = 60.0) -> bytes:
-    """Write the lease of a holder on another host, renewed `renewed_ago` seconds ago."""
-    now = time.time()
-    holder = Holder("elsewhere", 4242, uuid.uuid4().hex, now - 100, now - renewed_ago, ttl, "x")
+    """Write the lease of a holder on another host, renewed `renewed_ago` seconds ago (the
+    stamps taken from the lease's own clock)."""
+    me = Holder.of_this_process(ttl, "x")
+    holder = replace(
+        me, host="elsewhere", pid=4242, started=me.started - 100, renewed=me.renewed - renewed_ago
+    )
     assert location.create(key, holder.to_bytes())
     return holder.to_bytes()
 
@@ -77,8 +81,7 @@ def _check_semantics(catalogue: Catalogue) -> None:
     lease.release()
     assert lease.current() is None and location.read(key) is None
 
-    now = time.time()
-    dead = Holder(socket.gethostname(), _dead_pid(), "t", now, now, 3600, "")
+    dead = replace(Holder.of_this_process(3600, ""), pid=_dead_pid(), token="t")
     assert location.create(key, dead.to_bytes())  # fresh, but its process is gone
     quick = run_lease(catalogue, "fam", "r1", ttl=0.2)
     assert quick.try_acquire()
@@ -101,8 +104,9 @@ def _check_semantics(catalogue: Catalogue) -> None:
 
 
 def _foreign_bytes() -> bytes:
-    now = time.time()
-    return Holder("elsewhere", 1, "other", now, now, 60, "").to_bytes()
+    return replace(
+        Holder.of_this_process(60, ""), host="elsewhere", pid=1, token="other"
+    ).to_bytes()
 
 
 def test_lease_semantics_on_local_disk(tmp_path):
