@@ -31,6 +31,7 @@ Without a plan, tensors are held until their shard is written, so at most one sh
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -148,7 +149,7 @@ class _PlannedShards:
         for name, (shape, dtype) in plan.items():
             dtype = _torch_dtype(dtype, f"{where}: tensor {name!r}")
             shape = tuple(int(n) for n in shape)
-            nbytes = dtype.itemsize * _numel(shape)
+            nbytes = dtype.itemsize * math.prod(shape)
             if not self.shards or (self.shards[-1] and size + nbytes > max_bytes):
                 self.shards.append([])
                 size = 0
@@ -174,7 +175,7 @@ class _PlannedShards:
         end = 0
         for name in sorted(names, key=lambda n: -self.specs[n][1].itemsize):  # stable
             shape, dtype = self.specs[name]
-            nbytes = dtype.itemsize * _numel(shape)
+            nbytes = dtype.itemsize * math.prod(shape)
             self._place[name] = (index, end, nbytes)
             header[name] = {
                 "dtype": _SAFETENSORS_CODE[dtype], "shape": list(shape),
@@ -205,13 +206,6 @@ class _PlannedShards:
     def close(self) -> None:
         while self._fds:
             os.close(self._fds.pop())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 @dataclass(frozen=True)
